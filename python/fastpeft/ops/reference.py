@@ -1,0 +1,94 @@
+"""Pure-PyTorch references: short, obviously correct, the ground truth for every kernel.
+
+Layouts follow Hugging Face peft: lora_a is [r, in], lora_b is [out, r].
+"""
+
+import torch
+import torch.nn.functional as F
+
+# Philox4x32-7, as in csrc/common/philox.h and ops/triton/philox.py.
+PHILOX_ROUNDS = 7
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of a * b for a 32-bit constant a and int64 tensor b < 2^32,
+    computed in 16-bit halves so no int64 product overflows."""
+    lo_part = (a & 0xFFFF) * b
+    hi_part = (a >> 16) * b
+    hi = (hi_part + (lo_part >> 16)) >> 16
+    lo = (((hi_part & 0xFFFF) << 16) + lo_part) & _U32
+    return hi, lo
+
+
+def philox4x32(counter: torch.Tensor, seed: int) -> torch.Tensor:
+    """Four 32-bit words (as int64, [..., 4]) per 64-bit counter, for a 64-bit seed."""
+    seed &= (1 << 64) - 1
+    c0, c1 = counter & _U32, (counter >> 32) & _U32
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    k0, k1 = seed & _U32, seed >> 32
+    for _ in range(PHILOX_ROUNDS):
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & _U32, (k1 + PHILOX_W1) & _U32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def dropout_threshold(p: float) -> int:
+    return min(int(p * 2.0**32), _U32)
+
+
+def philox_keep_mask(seed: int, shape: torch.Size | tuple, p: float, device=None) -> torch.Tensor:
+    """The dropout keep mask of every backend: flat element i (row-major over `shape`) is kept
+    when word (i & 3) of philox4x32(i >> 2, seed) is >= floor(p * 2^32)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    counters = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    words = philox4x32(counters, seed).reshape(-1)[:numel]
+    return (words >= dropout_threshold(p)).reshape(shape)
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout with the counter-based mask (kept elements scaled by 1 / (1 - p))."""
+    if p == 0.0:
+        return x
+    keep = philox_keep_mask(seed, x.shape, p, device=x.device)
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int = 0,
+) -> torch.Tensor:
+    """x W^T + b + scaling * (dropout(x) A^T) B^T."""
+    xd = seeded_dropout(x, dropout_p, seed) if training else x
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(xd, lora_a), lora_b)
+
+
+def lora_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scalings: torch.Tensor,
+    adapter_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row adapter: rows with adapter_ids == j add scalings[j] * (x A_j^T) B_j^T;
+    id -1 is the base layer alone. adapter_ids has x's leading shape."""
+    y = F.linear(x, weight, bias)
+    for j in range(lora_a.shape[0]):
+        rows = (adapter_ids == j).unsqueeze(-1).to(x.dtype)
+        y = y + rows * (float(scalings[j]) * F.linear(F.linear(x, lora_a[j]), lora_b[j]))
+    return y
