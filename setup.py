@@ -86,12 +86,11 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         use_cuda, cuda_home = cuda_wanted()
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}"
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir / 'lib'}",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}",
             f"-DFASTPEFT_CUDA={'ON' if use_cuda else 'OFF'}",
@@ -103,16 +102,23 @@ class CMakeBuild(build_ext):
                 f"-DCMAKE_CUDA_ARCHITECTURES={cmake_archs(arch_list)}",
                 f"-DFASTPEFT_CUDA_ARCH_LIST={arch_list.replace(';', ' ')}",
             ]
+        env = dict(os.environ)
+        if cuda_home is not None:
+            env.setdefault("CUDA_HOME", str(cuda_home))
         cache = build_dir / "CMakeCache.txt"
         configured = build_dir / "fastpeft-configure-args.txt"
         if not cache.exists() or not configured.exists() or configured.read_text() != "\n".join(args):
             if cache.exists():
                 cache.unlink()
             subprocess.run([tool("cmake"), "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", *args],
-                           check=True)
+                           check=True, env=env)
             configured.write_text("\n".join(args))
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.run([tool("cmake"), "--build", str(build_dir), "-j", jobs], check=True)
+        subprocess.run([tool("cmake"), "--build", str(build_dir), "-j", jobs], check=True, env=env)
+        built = build_dir / "lib" / Path(self.get_ext_filename(ext.name)).name
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, target)
 
 
 setup(
