@@ -1,0 +1,285 @@
+// CPU lora_linear forward and backward (see docs/lora_linear_contract.md).
+//
+// The base GEMMs go to ATen (MKL / oneDNN, all threads) and accumulate (beta = 1) onto
+// the LoRA terms written first: forward y = bias + scaling * t B^T per row block, then
+// y += x W^T; backward grad_x = scaling * masked(g A) per row block, then += grad_out W.
+// The row-block passes run in parallel: each thread regenerates the Philox dropout mask
+// for its block in L1-sized runs (cpu/dropout.h, vectorised), applies it into a small
+// scratch tile and multiplies that by the rank-r factors. Neither the mask nor
+// dropout(x) is ever stored. p == 0 skips the mask entirely.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "common/lora_checks.h"
+#include "common/philox.h"
+#include "cpu/dropout.h"
+#include "ops.h"
+
+namespace fastpeft {
+namespace {
+
+using cpu::dropout_mask_run;
+using cpu::gemm_rm;
+using cpu::kMaskRun;
+
+// Rows per block: the block's rows of x (and of y / grad_out) stay in L2 while the
+// rank-r products and the mask run over them; at least 8 rows so the small GEMMs have
+// some depth.
+int64_t rows_per_block(int64_t K, int64_t N) {
+  const int64_t bm = 98304 / std::max<int64_t>(2 * K + N, 1);
+  return std::clamp<int64_t>(bm, 8, 256);
+}
+
+// A small tensor in the accumulation type (a float copy for bf16, else itself).
+template <typename op_t>
+Tensor as_opmath(const Tensor& t) {
+  return t.to(c10::CppTypeToScalarType<op_t>::value).contiguous();
+}
+
+template <typename src_t, typename dst_t>
+inline void convert(const src_t* src, dst_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<dst_t>(src[i]);
+}
+
+// Dropout mask of the flat elements [e0, e0 + count), applied as
+//   tile[i] = x[i] * mask[i]  (when tile) and  gx[i] = h[i] * mask[i]  (when gx),
+// in L1-sized runs so the mask never leaves the cache.
+template <typename scalar_t, typename op_t>
+void apply_dropout(int64_t e0, int64_t count, uint64_t seed, uint32_t threshold, op_t scale,
+                   op_t* maskbuf, const scalar_t* x, op_t* tile, const op_t* h, scalar_t* gx) {
+  for (int64_t c = 0; c < count; c += kMaskRun) {
+    const int64_t len = std::min(kMaskRun, count - c);
+    const op_t* mask = dropout_mask_run<op_t>(static_cast<uint64_t>(e0 + c), len, seed,
+                                              threshold, scale, maskbuf);
+    if (tile != nullptr) {
+      op_t* tl = tile + c;
+      const scalar_t* xl = x + c;
+      for (int64_t i = 0; i < len; ++i) tl[i] = static_cast<op_t>(xl[i]) * mask[i];
+    }
+    if (gx != nullptr) {
+      const op_t* hl = h + c;
+      scalar_t* gl = gx + c;
+      for (int64_t i = 0; i < len; ++i) gl[i] = static_cast<scalar_t>(hl[i] * mask[i]);
+    }
+  }
+}
+
+// Forward LoRA side, one parallel pass over row blocks:
+//   t[rows] = dropout(x[rows]) A^T;  y[rows] = bias + t[rows] (scaling B)^T.
+// The caller then adds x W^T into y with one ATen GEMM (beta = 1).
+template <typename scalar_t>
+void forward_blocks(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,
+                    const std::optional<Tensor>& bias, double scaling, double p, uint64_t seed,
+                    Tensor& y, Tensor& t) {
+  using op_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<op_t, scalar_t>;
+  const int64_t M = x.size(0), K = x.size(1), r = lora_a.size(0), N = lora_b.size(0);
+  // A^T [K, r] and scaling * B^T [r, N], contiguous: the layouts MKL's skinny GEMMs like.
+  const Tensor at_op = as_opmath<op_t>(lora_a.t());
+  const Tensor bst_op = as_opmath<op_t>(lora_b.t()).mul(scaling);
+  Tensor bias_op;
+  if (bias.has_value()) bias_op = as_opmath<op_t>(*bias);
+  const op_t* At = at_op.data_ptr<op_t>();
+  const op_t* Bst = bst_op.data_ptr<op_t>();
+  const op_t* bias_p = bias_op.defined() ? bias_op.data_ptr<op_t>() : nullptr;
+  const scalar_t* X = x.data_ptr<scalar_t>();
+  scalar_t* T = t.data_ptr<scalar_t>();
+  scalar_t* Y = y.data_ptr<scalar_t>();
+  const bool dropout = p > 0.0;
+  const uint32_t threshold = dropout_threshold(p);
+  const op_t scale = static_cast<op_t>(1.0 / (1.0 - p));
+  const int64_t bm = rows_per_block(K, N);
+  const int64_t nblocks = (M + bm - 1) / bm;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const bool need_tile = dropout || !kDirect;
+    std::vector<op_t> tile(need_tile ? static_cast<size_t>(bm * K) : 0);
+    std::vector<op_t> maskbuf(dropout ? static_cast<size_t>(kMaskRun + 8) : 0);
+    std::vector<op_t> tbuf(kDirect ? 0 : static_cast<size_t>(bm * r));
+    std::vector<op_t> ybuf(kDirect ? 0 : static_cast<size_t>(bm * N));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
+      const int64_t e0 = m0 * K, count = rows * K;
+      const op_t* src;
+      if (dropout) {
+        apply_dropout<scalar_t, op_t>(e0, count, seed, threshold, scale, maskbuf.data(), X + e0,
+                                      tile.data(), nullptr, nullptr);
+        src = tile.data();
+      } else if constexpr (kDirect) {
+        src = reinterpret_cast<const op_t*>(X + e0);
+      } else {
+        convert(X + e0, tile.data(), count);
+        src = tile.data();
+      }
+      op_t* tdst = kDirect ? reinterpret_cast<op_t*>(T + m0 * r) : tbuf.data();
+      gemm_rm<op_t>(false, false, rows, r, K, op_t(1), src, K, At, r, op_t(0), tdst, r);
+      op_t* ydst = kDirect ? reinterpret_cast<op_t*>(Y + m0 * N) : ybuf.data();
+      if constexpr (std::is_same_v<op_t, float>) {
+        cpu::rank_r_update(rows, N, r, tdst, r, Bst, bias_p, ydst, N);
+      } else {
+        if (bias_p != nullptr)
+          for (int64_t i = 0; i < rows; ++i) std::copy(bias_p, bias_p + N, ydst + i * N);
+        gemm_rm<op_t>(false, false, rows, N, r, op_t(1), tdst, r, Bst, N,
+                      bias_p != nullptr ? op_t(1) : op_t(0), ydst, N);
+      }
+      if constexpr (!kDirect) {
+        convert(tbuf.data(), T + m0 * r, rows * r);
+        convert(ybuf.data(), Y + m0 * N, rows * N);
+      }
+    }
+  });
+}
+
+// Backward LoRA side over row blocks of x, given gT = scaling * (grad_out B)^T [r, M]
+// (the layout MKL computes fastest):
+//   grad_x[rows] = (gs A) * mask            (written; the caller then adds grad_out W)
+//   grad_lora_a += gs^T dropout(x[rows])     (per-thread partials, summed at the end)
+template <typename scalar_t>
+void backward_blocks(const Tensor& x, const Tensor& lora_a, const Tensor& gT_op, double p,
+                     uint64_t seed, Tensor& grad_x, Tensor& grad_a) {
+  using op_t = at::opmath_type<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<op_t, scalar_t>;
+  const int64_t M = x.size(0), K = x.size(1), r = lora_a.size(0);
+  const bool need_gx = grad_x.defined(), need_ga = grad_a.defined();
+  const Tensor a_op = as_opmath<op_t>(lora_a);
+  const op_t* A = a_op.data_ptr<op_t>();
+  const op_t* GT = gT_op.data_ptr<op_t>();
+  const scalar_t* X = x.data_ptr<scalar_t>();
+  scalar_t* GX = need_gx ? grad_x.data_ptr<scalar_t>() : nullptr;
+  const bool dropout = p > 0.0;
+  const uint32_t threshold = dropout_threshold(p);
+  const op_t scale = static_cast<op_t>(1.0 / (1.0 - p));
+  const int64_t bm = rows_per_block(K, 0);
+  const int64_t nblocks = (M + bm - 1) / bm;
+  const int64_t nthreads = std::max<int64_t>(at::get_num_threads(), 1);
+  Tensor part_a = need_ga ? at::zeros({nthreads, r, K}, a_op.options()) : Tensor();
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
+    op_t* pa = need_ga ? part_a.data_ptr<op_t>() + tid * r * K : nullptr;
+    const bool need_tile = need_ga && (dropout || !kDirect);
+    const bool need_h = need_gx && (dropout || !kDirect);
+    std::vector<op_t> tile(need_tile ? static_cast<size_t>(bm * K) : 0);
+    std::vector<op_t> h(need_h ? static_cast<size_t>(bm * K) : 0);
+    std::vector<op_t> maskbuf(dropout ? static_cast<size_t>(kMaskRun + 8) : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
+      const int64_t e0 = m0 * K, count = rows * K;
+      // gs[rows] = gT[:, rows]^T: an [r, rows] slice of gT with row stride M.
+      const op_t* gtb = GT + m0;
+      if (need_gx) {
+        op_t* hdst = need_h ? h.data() : reinterpret_cast<op_t*>(GX + e0);
+        gemm_rm<op_t>(true, false, rows, K, r, op_t(1), gtb, M, A, K, op_t(0), hdst, K);
+      }
+      const op_t* xsrc = nullptr;
+      if (dropout) {
+        apply_dropout<scalar_t, op_t>(e0, count, seed, threshold, scale, maskbuf.data(), X + e0,
+                                      need_tile ? tile.data() : nullptr, h.data(),
+                                      need_gx ? GX + e0 : nullptr);
+        xsrc = tile.data();
+      } else if constexpr (kDirect) {
+        xsrc = reinterpret_cast<const op_t*>(X + e0);
+      } else {
+        if (need_gx) convert(h.data(), GX + e0, count);
+        if (need_ga) convert(X + e0, tile.data(), count);
+        xsrc = tile.data();
+      }
+      if (need_ga)
+        gemm_rm<op_t>(false, false, r, K, rows, op_t(1), gtb, M, xsrc, K, op_t(1), pa, K);
+    }
+  });
+  if (need_ga) grad_a.copy_(part_a.sum(0));
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> lora_linear_cpu(const Tensor& x_in, const Tensor& weight_in,
+                                           const std::optional<Tensor>& bias_in,
+                                           const Tensor& lora_a_in, const Tensor& lora_b_in,
+                                           double scaling, double dropout_p,
+                                           const Tensor& seed) {
+  check_lora_linear_args(x_in, weight_in, bias_in, lora_a_in, lora_b_in, dropout_p);
+  TORCH_CHECK(x_in.device().is_cpu(), "fastpeft: lora_linear_cpu needs CPU tensors, got x on ",
+              x_in.device());
+  const Tensor x = x_in.contiguous();
+  const Tensor weight = weight_in.contiguous();
+  const Tensor lora_a = lora_a_in.contiguous();
+  const Tensor lora_b = lora_b_in.contiguous();
+  std::optional<Tensor> bias;
+  if (bias_in.has_value()) bias = bias_in->contiguous();
+  const int64_t M = x.size(0), N = weight.size(0), r = lora_a.size(0);
+  const uint64_t s = dropout_p > 0.0 ? read_seed(seed) : 0;
+
+  if (M == 0 || r == 0) {
+    Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    return {y, at::zeros({M, r}, x.options())};
+  }
+  // y = bias + scaling * t B^T, written block by block with t; then y += x W^T.
+  Tensor y = at::empty({M, N}, x.options());
+  Tensor t = at::empty({M, r}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_linear_cpu", [&] {
+    forward_blocks<scalar_t>(x, lora_a, lora_b, bias, scaling, dropout_p, s, y, t);
+  });
+  y.addmm_(x, weight.t());
+  return {y, t};
+}
+
+Grads5 lora_linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in,
+                                const Tensor& weight_in, const Tensor& lora_a_in,
+                                const Tensor& lora_b_in, const Tensor& lora_t_in, double scaling,
+                                double dropout_p, const Tensor& seed,
+                                std::array<bool, 5> output_mask) {
+  check_lora_linear_args(x_in, weight_in, std::nullopt, lora_a_in, lora_b_in, dropout_p);
+  TORCH_CHECK(x_in.device().is_cpu(),
+              "fastpeft: lora_linear_backward_cpu needs CPU tensors, got x on ", x_in.device());
+  check_same_device_dtype(x_in, grad_out_in, "grad_out");
+  check_same_device_dtype(x_in, lora_t_in, "lora_t");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0);
+  const int64_t r = lora_a_in.size(0);
+  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == M && grad_out_in.size(1) == N,
+              "fastpeft: grad_out must be [", M, ", ", N, "], got ", grad_out_in.sizes());
+  TORCH_CHECK(lora_t_in.dim() == 2 && lora_t_in.size(0) == M && lora_t_in.size(1) == r,
+              "fastpeft: lora_t must be [", M, ", ", r, "], got ", lora_t_in.sizes());
+  const Tensor grad_out = grad_out_in.contiguous();
+  const Tensor x = x_in.contiguous();
+  const Tensor weight = weight_in.contiguous();
+  const Tensor lora_a = lora_a_in.contiguous();
+  const Tensor lora_b = lora_b_in.contiguous();
+  const Tensor lora_t = lora_t_in.contiguous();
+  const bool need_gx = output_mask[0], need_gw = output_mask[1], need_gbias = output_mask[2];
+  const bool need_ga = output_mask[3], need_gb = output_mask[4];
+  const uint64_t s = dropout_p > 0.0 && (need_gx || need_ga) ? read_seed(seed) : 0;
+
+  // A masked-off output is its own empty tensor: outputs of an op must not alias.
+  Tensor grad_x = x.new_empty({0}), grad_w = x.new_empty({0}), grad_bias = x.new_empty({0});
+  Tensor grad_a = x.new_empty({0}), grad_b = x.new_empty({0});
+  if (need_gw) grad_w = at::mm(grad_out.t(), x);
+  if (need_gbias) grad_bias = grad_out.sum(0);
+  if (M == 0 || r == 0) {
+    if (need_gx) grad_x = at::mm(grad_out, weight);
+    if (need_ga) grad_a = at::zeros({r, K}, x.options());
+    if (need_gb) grad_b = at::zeros({N, r}, x.options());
+    return {grad_x, grad_w, grad_bias, grad_a, grad_b};
+  }
+  // grad_lora_b = scaling * (t^T grad_out)^T (t^T grad_out is MKL's fast layout).
+  if (need_gb) grad_b = at::mm(lora_t.t(), grad_out).t().mul(scaling).contiguous();
+  if (need_gx || need_ga) {
+    Tensor gx_arg, ga_arg;
+    if (need_gx) gx_arg = grad_x = at::empty({M, K}, x.options());
+    if (need_ga) ga_arg = grad_a = at::empty({r, K}, x.options());
+    // gT = (scaling B)^T grad_out^T = scaling * (grad_out B)^T, [r, M].
+    const Tensor gT = at::mm(lora_b.t().mul(scaling), grad_out.t());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_linear_backward_cpu", [&] {
+      using op_t = at::opmath_type<scalar_t>;
+      backward_blocks<scalar_t>(x, lora_a, as_opmath<op_t>(gT), dropout_p, s, gx_arg, ga_arg);
+    });
+  }
+  // grad_x = grad_out W + (the masked LoRA term already written).
+  if (need_gx) grad_x.addmm_(grad_out, weight);
+  return {grad_x, grad_w, grad_bias, grad_a, grad_b};
+}
+
+}  // namespace fastpeft
