@@ -9,14 +9,10 @@ import torch
 from torch.library import opcheck
 
 import fastpeft  # noqa: F401  (loads the extension, registers fake kernels and autograd)
-from fastpeft import _ext
 from fastpeft.ops import lora_linear, lora_linear_multi, reference
 from _tolerance import assert_close_to_reference
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not _ext.extension_loaded(), reason="fastpeft._C is not built"),
-]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
