@@ -97,7 +97,8 @@ def assert_near(actual, expected, dtype, name=""):
     assert tuple(actual.shape) == tuple(expected.shape), (name, actual.shape, expected.shape)
     if expected.numel() == 0:
         return
-    tol = 1e-5 if dtype == torch.float32 else 4e-3  # relative to the largest magnitude
+    # relative to the largest magnitude; bf16 keeps 8 bits of mantissa
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}[dtype]
     err = (actual.double() - expected).abs().max().item()
     scale = max(1.0, expected.abs().max().item())
     assert err <= tol * scale, f"{name}: max error {err} > {tol} * {scale}"
@@ -418,3 +419,30 @@ def test_kernels_compile_for_cuda():
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,
                                   options=dict(num_warps=4, num_stages=3))
         assert "mul.hi.u32" in compiled.asm["ptx"] or "HAS_DROPOUT" not in constexprs
+
+
+# ------------------------------------------------------------------------------------------
+# On a GPU: the compiled Triton kernels against the contract and the CUDA C++ kernels
+# ------------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("M,K,N,r", [(300, 577, 1531, 7), (1, 64, 48, 16), (1024, 512, 768, 64)])
+def test_cuda_triton_matches_contract_and_cuda_cpp(M, K, N, r, dtype, p):
+    tll.register()
+    x, w, b, a, bm, go = (t.cuda() if t is not None else None for t in make_inputs(M, K, N, r, dtype))
+    seed = torch.tensor([SEED], dtype=torch.int64)
+    y, t = torch.ops.fastpeft.lora_linear_triton(x, w, b, a, bm, 1.7, p, seed)
+    y_ref, t_ref = contract_forward(x.cpu(), w.cpu(), b.cpu(), a.cpu(), bm.cpu(), 1.7, p, SEED)
+    assert_near(y.cpu().to(dtype), y_ref, dtype, "y")
+    grads = torch.ops.fastpeft.lora_linear_triton_backward(go, x, w, a, bm, t, 1.7, p, seed, [True] * 5)
+    expected = contract_backward(go.cpu(), x.cpu(), w.cpu(), a.cpu(), bm.cpu(), t.cpu(), 1.7, p, SEED)
+    for i, (got, want) in enumerate(zip(grads, expected)):
+        assert_near(got.cpu(), want, dtype, f"grad {i}")
+    y_cpp, _ = torch.ops.fastpeft.lora_linear(x, w, b, a, bm, 1.7, p, seed)
+    torch.testing.assert_close(y, y_cpp, rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                               atol=2e-2 if dtype != torch.float32 else 1e-4)
