@@ -60,7 +60,8 @@ def make_providers(m, k, n, p, device, dtype, with_triton):
 
         providers["fastpeft-triton"] = triton_provider
     params = [x, lora_a, lora_b]
-    return providers, params, grad
+    weights = [base.weight, base.bias, lora_a, lora_b]
+    return providers, params, grad, weights
 
 
 def step(fn, params, grad):
@@ -69,12 +70,15 @@ def step(fn, params, grad):
     fn().backward(grad)
 
 
-def saved_bytes(fn, params, grad) -> int:
+def saved_bytes(fn, params, grad, weights) -> int:
+    """Bytes autograd saves for the backward: unique storages, the layer's weights excluded."""
+    weight_storages = {w.untyped_storage().data_ptr() for w in weights}
     storages = {}
 
     def pack(t):
-        if not isinstance(t, torch.nn.Parameter) and t.untyped_storage().data_ptr() not in storages:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weight_storages:
+            storages[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -83,7 +87,7 @@ def saved_bytes(fn, params, grad) -> int:
     return sum(storages.values())
 
 
-def measure(providers, params, grad, device, rounds, inner):
+def measure(providers, params, grad, weights, device, rounds, inner):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {name: [] for name in providers}
     for fn in providers.values():  # warm-up
@@ -101,7 +105,7 @@ def measure(providers, params, grad, device, rounds, inner):
             times[name].append((time.perf_counter() - start) / inner * 1e3)
     result = {name: {"median_ms": statistics.median(v), "runs_ms": v} for name, v in times.items()}
     for name, fn in providers.items():
-        result[name]["saved_mb"] = saved_bytes(fn, params, grad) / 2**20
+        result[name]["saved_mb"] = saved_bytes(fn, params, grad, weights) / 2**20
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
@@ -133,8 +137,8 @@ def main(argv=None) -> int:
     for m, k, n in shapes:
         for p in (0.0, 0.05):
             inner = 1 if (device == "cpu" and m * k * n > 4e9) else (3 if device == "cpu" else 10)
-            providers, params, grad = make_providers(m, k, n, p, device, dtype, with_triton)
-            res = measure(providers, params, grad, device, rounds, inner)
+            providers, params, grad, weights = make_providers(m, k, n, p, device, dtype, with_triton)
+            res = measure(providers, params, grad, weights, device, rounds, inner)
             base = res["base"]["median_ms"]
             row = {"M": m, "in": k, "out": n, "r": RANK, "dropout": p, "dtype": str(dtype),
                    "results": res,
