@@ -5,8 +5,10 @@
 // y += x W^T; backward grad_x = scaling * masked(g A) per row block, then += grad_out W.
 // The row-block passes run in parallel: each thread regenerates the Philox dropout mask
 // for its block in L1-sized runs (cpu/dropout.h, vectorised), applies it into a small
-// scratch tile and multiplies that by the rank-r factors. Neither the mask nor
-// dropout(x) is ever stored. p == 0 skips the mask entirely.
+// scratch tile and multiplies that by the rank-r factors with the register-blocked
+// kernels of cpu/dropout.h (MKL runs these skinny k = r or n = r shapes at under half its
+// big-GEMM rate). The backward computes g = grad_out (scaling B) and grad_out^T t in one
+// read of grad_out. Neither the mask nor dropout(x) is ever stored. p == 0 skips the mask.
 #include <algorithm>
 #include <vector>
 
@@ -24,7 +26,6 @@ namespace fastpeft {
 namespace {
 
 using cpu::dropout_mask_run;
-using cpu::gemm_rm;
 using cpu::kMaskRun;
 
 // Rows per block: the block's rows of x (and of y / grad_out) stay in L2 while the
@@ -69,6 +70,24 @@ void apply_dropout(int64_t e0, int64_t count, uint64_t seed, uint32_t threshold,
   }
 }
 
+// Zero-padded copy of a [rows, r] matrix with rp columns, in the accumulation type: the
+// layout of the rank-r kernels' factors.
+template <typename op_t>
+Tensor padded_cols(const Tensor& m, int64_t rp, double mul = 1.0) {
+  const auto opts = m.options().dtype(c10::CppTypeToScalarType<op_t>::value);
+  Tensor out = at::zeros({m.size(0), rp}, opts);
+  out.narrow(1, 0, m.size(1)).copy_(m);
+  if (mul != 1.0) out.mul_(mul);
+  return out;
+}
+
+// The rank-r kernels' column count: r rounded up to whole 64-byte vectors.
+template <typename op_t>
+int64_t padded_rank(int64_t r) {
+  constexpr int64_t kLanes = 64 / sizeof(op_t);
+  return (r + kLanes - 1) / kLanes * kLanes;
+}
+
 // Forward LoRA side, one parallel pass over row blocks:
 //   t[rows] = dropout(x[rows]) A^T;  y[rows] = bias + t[rows] (scaling B)^T.
 // The caller then adds x W^T into y with one ATen GEMM (beta = 1).
@@ -79,12 +98,13 @@ void forward_blocks(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,
   using op_t = at::opmath_type<scalar_t>;
   constexpr bool kDirect = std::is_same_v<op_t, scalar_t>;
   const int64_t M = x.size(0), K = x.size(1), r = lora_a.size(0), N = lora_b.size(0);
-  // A^T [K, r] and scaling * B^T [r, N], contiguous: the layouts MKL's skinny GEMMs like.
-  const Tensor at_op = as_opmath<op_t>(lora_a.t());
+  const int64_t rp = padded_rank<op_t>(r);
+  // A^T [K, rp] (zero-padded) and scaling * B^T [r, N].
+  const Tensor at_pad = padded_cols<op_t>(lora_a.t(), rp);
   const Tensor bst_op = as_opmath<op_t>(lora_b.t()).mul(scaling);
   Tensor bias_op;
   if (bias.has_value()) bias_op = as_opmath<op_t>(*bias);
-  const op_t* At = at_op.data_ptr<op_t>();
+  const op_t* At = at_pad.data_ptr<op_t>();
   const op_t* Bst = bst_op.data_ptr<op_t>();
   const op_t* bias_p = bias_op.defined() ? bias_op.data_ptr<op_t>() : nullptr;
   const scalar_t* X = x.data_ptr<scalar_t>();
@@ -99,11 +119,12 @@ void forward_blocks(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,
     const bool need_tile = dropout || !kDirect;
     std::vector<op_t> tile(need_tile ? static_cast<size_t>(bm * K) : 0);
     std::vector<op_t> maskbuf(dropout ? static_cast<size_t>(kMaskRun + 8) : 0);
-    std::vector<op_t> tbuf(kDirect ? 0 : static_cast<size_t>(bm * r));
+    std::vector<op_t> tbuf(static_cast<size_t>(bm * rp));
     std::vector<op_t> ybuf(kDirect ? 0 : static_cast<size_t>(bm * N));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
       const int64_t e0 = m0 * K, count = rows * K;
+      // src = dropout(x[rows]) (or x itself), in op_t.
       const op_t* src;
       if (dropout) {
         apply_dropout<scalar_t, op_t>(e0, count, seed, threshold, scale, maskbuf.data(), X + e0,
@@ -115,39 +136,39 @@ void forward_blocks(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,
         convert(X + e0, tile.data(), count);
         src = tile.data();
       }
-      op_t* tdst = kDirect ? reinterpret_cast<op_t*>(T + m0 * r) : tbuf.data();
-      gemm_rm<op_t>(false, false, rows, r, K, op_t(1), src, K, At, r, op_t(0), tdst, r);
+      // t[rows] = src A^T (shrink), kept padded in tbuf and copied out.
+      cpu::rank_r_pass(rows, K, src, K, At, nullptr, tbuf.data(), nullptr, rp);
+      for (int64_t i = 0; i < rows; ++i) convert(tbuf.data() + i * rp, T + (m0 + i) * r, r);
+      // y[rows] = bias + t[rows] (scaling B)^T (expand).
       op_t* ydst = kDirect ? reinterpret_cast<op_t*>(Y + m0 * N) : ybuf.data();
-      if constexpr (std::is_same_v<op_t, float>) {
-        cpu::rank_r_update(rows, N, r, tdst, r, Bst, bias_p, ydst, N);
-      } else {
-        if (bias_p != nullptr)
-          for (int64_t i = 0; i < rows; ++i) std::copy(bias_p, bias_p + N, ydst + i * N);
-        gemm_rm<op_t>(false, false, rows, N, r, op_t(1), tdst, r, Bst, N,
-                      bias_p != nullptr ? op_t(1) : op_t(0), ydst, N);
-      }
-      if constexpr (!kDirect) {
-        convert(tbuf.data(), T + m0 * r, rows * r);
-        convert(ybuf.data(), Y + m0 * N, rows * N);
-      }
+      cpu::rank_r_expand(rows, N, r, tbuf.data(), rp, Bst, bias_p, ydst, N);
+      if constexpr (!kDirect) convert(ybuf.data(), Y + m0 * N, rows * N);
     }
   });
 }
 
-// Backward LoRA side over row blocks of x, given gT = scaling * (grad_out B)^T [r, M]
-// (the layout MKL computes fastest):
-//   grad_x[rows] = (gs A) * mask            (written; the caller then adds grad_out W)
-//   grad_lora_a += gs^T dropout(x[rows])     (per-thread partials, summed at the end)
+// Backward LoRA side, one parallel pass over row blocks (each thread its own blocks):
+//   g[rows]      = grad_out[rows] (scaling B)       } one pass over grad_out's rows
+//   grad_lora_b += grad_out[rows]^T t[rows]         } (per-thread partials, scaled at the end)
+//   grad_x[rows] = (g A) * mask                     (written; the caller then adds grad_out W)
+//   grad_lora_a += g^T dropout(x[rows])             (per-thread partials, summed at the end)
 template <typename scalar_t>
-void backward_blocks(const Tensor& x, const Tensor& lora_a, const Tensor& gT_op, double p,
-                     uint64_t seed, Tensor& grad_x, Tensor& grad_a) {
+void backward_blocks(const Tensor& grad_out, const Tensor& x, const Tensor& lora_a,
+                     const Tensor& lora_b, const Tensor& lora_t, double scaling, double p,
+                     uint64_t seed, Tensor& grad_x, Tensor& grad_a, Tensor& grad_b) {
   using op_t = at::opmath_type<scalar_t>;
   constexpr bool kDirect = std::is_same_v<op_t, scalar_t>;
-  const int64_t M = x.size(0), K = x.size(1), r = lora_a.size(0);
-  const bool need_gx = grad_x.defined(), need_ga = grad_a.defined();
+  const int64_t M = x.size(0), K = x.size(1), r = lora_a.size(0), N = grad_out.size(1);
+  const bool need_gx = grad_x.defined(), need_ga = grad_a.defined(), need_gb = grad_b.defined();
+  const bool need_g = need_gx || need_ga;
+  const int64_t rp = padded_rank<op_t>(r);
+  const Tensor sb_pad = padded_cols<op_t>(lora_b, rp, scaling);  // scaling B, [N, rp]
+  const Tensor t_pad = padded_cols<op_t>(lora_t, rp);            // t, [M, rp]
   const Tensor a_op = as_opmath<op_t>(lora_a);
   const op_t* A = a_op.data_ptr<op_t>();
-  const op_t* GT = gT_op.data_ptr<op_t>();
+  const op_t* SB = sb_pad.data_ptr<op_t>();
+  const op_t* TP = t_pad.data_ptr<op_t>();
+  const scalar_t* GO = grad_out.data_ptr<scalar_t>();
   const scalar_t* X = x.data_ptr<scalar_t>();
   scalar_t* GX = need_gx ? grad_x.data_ptr<scalar_t>() : nullptr;
   const bool dropout = p > 0.0;
@@ -156,23 +177,38 @@ void backward_blocks(const Tensor& x, const Tensor& lora_a, const Tensor& gT_op,
   const int64_t bm = rows_per_block(K, 0);
   const int64_t nblocks = (M + bm - 1) / bm;
   const int64_t nthreads = std::max<int64_t>(at::get_num_threads(), 1);
-  Tensor part_a = need_ga ? at::zeros({nthreads, r, K}, a_op.options()) : Tensor();
+  // Per-thread partials of grad_lora_a^T [K, rp] and grad_lora_b / scaling [N, rp].
+  const auto opts = sb_pad.options();
+  Tensor part_a = need_ga ? at::zeros({nthreads, K, rp}, opts) : Tensor();
+  Tensor part_b = need_gb ? at::zeros({nthreads, N, rp}, opts) : Tensor();
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
-    op_t* pa = need_ga ? part_a.data_ptr<op_t>() + tid * r * K : nullptr;
+    op_t* pa = need_ga ? part_a.data_ptr<op_t>() + tid * K * rp : nullptr;
+    op_t* pb = need_gb ? part_b.data_ptr<op_t>() + tid * N * rp : nullptr;
     const bool need_tile = need_ga && (dropout || !kDirect);
     const bool need_h = need_gx && (dropout || !kDirect);
+    std::vector<op_t> g(need_g ? static_cast<size_t>(bm * rp) : 0);
+    std::vector<op_t> gobuf(kDirect ? 0 : static_cast<size_t>(bm * N));
     std::vector<op_t> tile(need_tile ? static_cast<size_t>(bm * K) : 0);
     std::vector<op_t> h(need_h ? static_cast<size_t>(bm * K) : 0);
     std::vector<op_t> maskbuf(dropout ? static_cast<size_t>(kMaskRun + 8) : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t m0 = b * bm, rows = std::min(bm, M - m0);
       const int64_t e0 = m0 * K, count = rows * K;
-      // gs[rows] = gT[:, rows]^T: an [r, rows] slice of gT with row stride M.
-      const op_t* gtb = GT + m0;
+      // g and the grad_lora_b partial from one read of grad_out's rows.
+      const op_t* go;
+      if constexpr (kDirect) {
+        go = reinterpret_cast<const op_t*>(GO + m0 * N);
+      } else {
+        convert(GO + m0 * N, gobuf.data(), rows * N);
+        go = gobuf.data();
+      }
+      cpu::rank_r_pass(rows, N, go, N, SB, TP + m0 * rp, need_g ? g.data() : nullptr, pb, rp);
+      if (!need_g) continue;
+      // h = g A (expand), masked into grad_x below.
       if (need_gx) {
         op_t* hdst = need_h ? h.data() : reinterpret_cast<op_t*>(GX + e0);
-        gemm_rm<op_t>(true, false, rows, K, r, op_t(1), gtb, M, A, K, op_t(0), hdst, K);
+        cpu::rank_r_expand(rows, K, r, g.data(), rp, A, nullptr, hdst, K);
       }
       const op_t* xsrc = nullptr;
       if (dropout) {
@@ -187,11 +223,12 @@ void backward_blocks(const Tensor& x, const Tensor& lora_a, const Tensor& gT_op,
         if (need_ga) convert(X + e0, tile.data(), count);
         xsrc = tile.data();
       }
-      if (need_ga)
-        gemm_rm<op_t>(false, false, r, K, rows, op_t(1), gtb, M, xsrc, K, op_t(1), pa, K);
+      // grad_lora_a^T partial += dropout(x[rows])^T g.
+      if (need_ga) cpu::rank_r_pass(rows, K, xsrc, K, nullptr, g.data(), nullptr, pa, rp);
     }
   });
-  if (need_ga) grad_a.copy_(part_a.sum(0));
+  if (need_ga) grad_a.copy_(part_a.sum(0).narrow(1, 0, r).t());
+  if (need_gb) grad_b.copy_(part_b.sum(0).narrow(1, 0, r).mul_(scaling));
 }
 
 }  // namespace
@@ -264,17 +301,14 @@ Grads5 lora_linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in,
     if (need_gb) grad_b = at::zeros({N, r}, x.options());
     return {grad_x, grad_w, grad_bias, grad_a, grad_b};
   }
-  // grad_lora_b = scaling * (t^T grad_out)^T (t^T grad_out is MKL's fast layout).
-  if (need_gb) grad_b = at::mm(lora_t.t(), grad_out).t().mul(scaling).contiguous();
-  if (need_gx || need_ga) {
-    Tensor gx_arg, ga_arg;
+  if (need_gx || need_ga || need_gb) {
+    Tensor gx_arg, ga_arg, gb_arg;
     if (need_gx) gx_arg = grad_x = at::empty({M, K}, x.options());
     if (need_ga) ga_arg = grad_a = at::empty({r, K}, x.options());
-    // gT = (scaling B)^T grad_out^T = scaling * (grad_out B)^T, [r, M].
-    const Tensor gT = at::mm(lora_b.t().mul(scaling), grad_out.t());
+    if (need_gb) gb_arg = grad_b = at::empty({N, r}, x.options());
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_linear_backward_cpu", [&] {
-      using op_t = at::opmath_type<scalar_t>;
-      backward_blocks<scalar_t>(x, lora_a, as_opmath<op_t>(gT), dropout_p, s, gx_arg, ga_arg);
+      backward_blocks<scalar_t>(grad_out, x, lora_a, lora_b, lora_t, scaling, dropout_p, s,
+                                gx_arg, ga_arg, gb_arg);
     });
   }
   // grad_x = grad_out W + (the masked LoRA term already written).
