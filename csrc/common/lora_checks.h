@@ -88,6 +88,18 @@ inline void check_lora_linear_multi_args(const at::Tensor& x, const at::Tensor& 
               adapter_ids.device());
 }
 
+// The extra tensors of a backward: grad_out [M, N] and the saved lora_t [M, r], like x.
+inline void check_backward_args(const at::Tensor& x, const at::Tensor& grad_out,
+                                const at::Tensor& lora_t, int64_t N, int64_t r) {
+  const int64_t M = x.size(0);
+  check_same_device_dtype(x, grad_out, "grad_out");
+  check_same_device_dtype(x, lora_t, "lora_t");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == N,
+              "fastpeft: grad_out must be [", M, ", ", N, "], got ", grad_out.sizes());
+  TORCH_CHECK(lora_t.dim() == 2 && lora_t.size(0) == M && lora_t.size(1) == r,
+              "fastpeft: lora_t must be [", M, ", ", r, "], got ", lora_t.sizes());
+}
+
 inline uint64_t read_seed(const at::Tensor& seed) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
               "fastpeft: seed must be a one-element int64 CPU tensor, got ", seed.scalar_type(),

@@ -99,14 +99,9 @@ Grads5 lora_linear_multi_backward_cpu(const Tensor& grad_out_in, const Tensor& x
   check_lora_linear_multi_args(x_in, weight_in, std::nullopt, lora_a_in, lora_b_in, scalings_in,
                                adapter_ids);
   check_multi_cpu(x_in);
-  check_same_device_dtype(x_in, grad_out_in, "grad_out");
-  check_same_device_dtype(x_in, lora_t_in, "lora_t");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0);
   const int64_t n = lora_a_in.size(0), r = lora_a_in.size(1);
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == M && grad_out_in.size(1) == N,
-              "fastpeft: grad_out must be [", M, ", ", N, "], got ", grad_out_in.sizes());
-  TORCH_CHECK(lora_t_in.dim() == 2 && lora_t_in.size(0) == M && lora_t_in.size(1) == r,
-              "fastpeft: lora_t must be [", M, ", ", r, "], got ", lora_t_in.sizes());
+  check_backward_args(x_in, grad_out_in, lora_t_in, N, r);
   const Tensor grad_out = grad_out_in.contiguous();
   const Tensor x = x_in.contiguous();
   const Tensor weight = weight_in.contiguous();

@@ -106,12 +106,7 @@ Grads5 lora_linear_backward_cuda(const Tensor& grad_out_in, const Tensor& x_in,
   check_cuda(x_in);
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0),
                 r = lora_a_in.size(0);
-  check_same_device_dtype(x_in, grad_out_in, "grad_out");
-  check_same_device_dtype(x_in, lora_t_in, "lora_t");
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == M && grad_out_in.size(1) == N,
-              "fastpeft: grad_out must be [", M, ", ", N, "], got ", grad_out_in.sizes());
-  TORCH_CHECK(lora_t_in.dim() == 2 && lora_t_in.size(0) == M && lora_t_in.size(1) == r,
-              "fastpeft: lora_t must be [", M, ", ", r, "], got ", lora_t_in.sizes());
+  check_backward_args(x_in, grad_out_in, lora_t_in, N, r);
   c10::cuda::CUDAGuard device_guard(x_in.device());
 
   const Tensor grad_out = grad_out_in.contiguous();
