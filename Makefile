@@ -9,6 +9,7 @@ MAX_JOBS ?= 2
 export MAX_JOBS
 
 .PHONY: setup build test demo bench lint clean gpu-check
+SHELL := /bin/bash
 
 setup: build
 
@@ -42,14 +43,17 @@ lint: setup
 	$(PY) -m ruff check python tests bench || true
 
 # On a machine with a GPU and its own python3 + torch (no network): build in place with that
-# python, run the CUDA tests and the GPU benchmarks, and write the results under $(OUT).
+# python (sm_90 only, to save device time), run the CUDA and Triton tests and the GPU
+# benchmarks, and write everything under $(OUT).
 OUT ?= gpu-results
 gpu-check:
 	mkdir -p $(OUT)
-	FASTPEFT_CUDA=1 MAX_JOBS=16 python3 setup.py -q build_ext --inplace 2>&1 | tee $(OUT)/build.log
-	cd python && python3 -c "import fastpeft, json; print(json.dumps(fastpeft.build_info()))" | tee $(OUT)/build_info.json
-	PYTHONPATH=python python3 -m pytest -q tests -k "cuda or triton" 2>&1 | tee $(OUT)/tests.log
-	PYTHONPATH=python python3 bench/bench_lora_linear.py --device cuda --out $(OUT) 2>&1 | tee $(OUT)/bench.log
+	export TORCH_CUDA_ARCH_LIST="9.0" FASTPEFT_CUDA=1 MAX_JOBS=16 PYTHONPATH=$(CURDIR)/python; \
+	set -o pipefail; \
+	python3 setup.py -q build_ext --inplace 2>&1 | tee $(OUT)/build.log && \
+	python3 -c "import fastpeft, json; print(json.dumps(fastpeft.build_info()))" | tee $(OUT)/build_info.json && \
+	{ python3 -m pytest -q tests -k "cuda or triton or build" 2>&1 | tee $(OUT)/tests.log; \
+	  python3 bench/bench_lora_linear.py --device cuda --out $(OUT) 2>&1 | tee $(OUT)/bench.log; }
 
 clean:
 	rm -rf build python/fastpeft/_C*.so

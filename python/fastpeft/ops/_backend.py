@@ -7,8 +7,9 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton")
 
-# "auto" on CUDA: the implementation to use per op. Chosen by bench/bench_<op>.py --device cuda
-# (fastest of the CUDA C++ and Triton kernels).
+# "auto" on CUDA: the implementation to use per op, "cuda" (C++) or "triton", whichever
+# bench/bench_<op>.py --device cuda (`make gpu-check`) measures faster. lora_linear has not
+# been timed on a GPU yet: the CUDA C++ path (cuBLAS GEMMs) is the default until it is.
 CUDA_AUTO_CHOICE = {"lora_linear": "cuda"}
 
 _current = "auto"
