@@ -3,8 +3,10 @@
 Forward+backward of one layer whose input needs a gradient (a layer inside a network): the base
 computes x W^T and grad_out W; LoRA adds the rank-r branch and its A / B gradients. Each
 provider is timed in interleaved rounds (the order shuffled every round) and the medians are
-compared as ratios measured in the same run; "saved" is the bytes autograd keeps for the
-backward (unique storages, the weights excluded); on CUDA also the peak allocated memory.
+compared as ratios measured in the same run. Memory: "saved" is the bytes autograd keeps for
+the backward (unique storages, the weights excluded), the activation memory that grows with
+every layer in training; torch keeps no allocator statistics on the CPU, so that is the CPU
+memory column. On CUDA the peak allocated memory of one step is reported too.
 
     python bench/bench_lora_linear.py [--device cpu|cuda] [--quick] [--out DIR]
 """
