@@ -164,8 +164,9 @@ def main(argv=None) -> int:
     lines = [f"# lora_linear forward+backward, {device}, {dtype}, {meta['threads']} threads, "
              f"medians of {rounds} interleaved rounds", "",
              "| M | in -> out | r | dropout | fastpeft / base | peft / base | fastpeft speed-up vs peft "
-             "| saved MB base / peft / fastpeft |" + (" triton / base |" if with_triton else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if with_triton else "")]
+             "| saved MB base / peft / fastpeft |"
+             + (" triton / base | peak MB base / peft / fastpeft |" if with_triton else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if with_triton else "")]
     for row in rows:
         res = row["results"]
         lines.append(
@@ -173,7 +174,9 @@ def main(argv=None) -> int:
             f"{row['fastpeft_vs_base']:.3f} | {row['peft_vs_base']:.3f} | "
             f"{row['fastpeft_speedup_vs_peft']:.2f}x | {res['base']['saved_mb']:.1f} / "
             f"{res['peft']['saved_mb']:.1f} / {res['fastpeft']['saved_mb']:.1f} |"
-            + (f" {row['triton_vs_base']:.3f} |" if with_triton else ""))
+            + (f" {row['triton_vs_base']:.3f} | {res['base']['peak_extra_mb']:.0f} / "
+               f"{res['peft']['peak_extra_mb']:.0f} / {res['fastpeft']['peak_extra_mb']:.0f} |"
+               if with_triton else ""))
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
