@@ -202,13 +202,13 @@ __attribute__((always_inline)) inline void store64(T* p, typename Vec64<T>::type
 //   p[i, :]  = sum_c a[i, c] * f[c, :]      (kP: the shrink, e.g. g = grad_out (scaling B))
 //   q[c, :] += sum_i a[i, c] * u[i, :]      (kQ: the outer update, e.g. grad_out^T t)
 // f [n, rp], u and p [rows, rp], q [n, rp]; all with row stride rp, zero-padded past r.
-// RM rows x one vector per step, each row group streaming over all n columns (a few
-// sequential streams for the hardware prefetcher: a comes from memory; q stays in L2).
-
+// A tile is RM rows x one vector, streaming over all n columns (f and q stay in L2). a comes
+// from memory in rows too short for the hardware prefetcher to run ahead of, so while a tile
+// runs over its rows it prefetches the next tile's (npf of them, from a + RM * lda on).
 template <typename T, int RM, bool kP, bool kQ>
-__attribute__((always_inline)) inline void rank_r_tile(int64_t c0, int64_t c1, const T* a,
-                                                       int64_t lda, const T* f, const T* u,
-                                                       T* p, T* q, int64_t rp) {
+__attribute__((always_inline)) inline void rank_r_tile(int64_t n, const T* a, int64_t lda,
+                                                       int npf, const T* f, const T* u, T* p,
+                                                       T* q, int64_t rp) {
   using V = typename Vec64<T>::type;
   constexpr int W = 64 / sizeof(T);
   for (int64_t j = 0; j < rp; j += W) {
@@ -217,7 +217,7 @@ __attribute__((always_inline)) inline void rank_r_tile(int64_t c0, int64_t c1, c
       if constexpr (kP) pacc[i] = load64(p + i * rp + j);
       if constexpr (kQ) uv[i] = load64(u + i * rp + j);
     }
-    for (int64_t c = c0; c < c1; ++c) {
+    auto column = [&](int64_t c) __attribute__((always_inline)) {
       V fv, qv;
       if constexpr (kP) fv = load64(f + c * rp + j);
       if constexpr (kQ) qv = load64(q + c * rp + j);
@@ -227,25 +227,45 @@ __attribute__((always_inline)) inline void rank_r_tile(int64_t c0, int64_t c1, c
         if constexpr (kQ) qv += v * uv[i];
       }
       if constexpr (kQ) store64(q + c * rp + j, qv);
+    };
+    const int prefetch_rows = j == 0 ? npf : 0;  // the first sweep over a prefetches
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {  // one cache line of each row per step
+      for (int i = 0; i < prefetch_rows; ++i) __builtin_prefetch(a + (RM + i) * lda + c, 0, 3);
+      for (int k = 0; k < W; ++k) column(c + k);
     }
+    for (; c < n; ++c) column(c);
     if constexpr (kP)
       for (int i = 0; i < RM; ++i) store64(p + i * rp + j, pacc[i]);
   }
 }
 
+// Tiles of RM rows from row m while they fit, each prefetching the rows of the tile after
+// it; returns the first row not done.
+template <typename T, int RM, bool kP, bool kQ>
+__attribute__((always_inline)) inline int64_t rank_r_tiles(int64_t m, int64_t rows, int64_t n,
+                                                           const T* a, int64_t lda, const T* f,
+                                                           const T* u, T* p, T* q,
+                                                           int64_t rp) {
+  for (; m + RM <= rows; m += RM) {
+    const int npf = static_cast<int>(std::min<int64_t>(RM, rows - m - RM));
+    rank_r_tile<T, RM, kP, kQ>(n, a + m * lda, lda, npf, f, u + m * rp, p + m * rp, q, rp);
+  }
+  return m;
+}
+
+// 8-row tiles (each f / q vector loaded from L2 serves 8 rows of a), then 4, then single
+// rows for the block's remainder.
 template <typename T, bool kP, bool kQ>
 __attribute__((always_inline)) inline void rank_r_pass_body(int64_t rows, int64_t n,
                                                             const T* a, int64_t lda,
                                                             const T* f, const T* u, T* p, T* q,
                                                             int64_t rp) {
-  constexpr int RM = 4;
   if constexpr (kP)
     for (int64_t i = 0; i < rows * rp; ++i) p[i] = T(0);
-  int64_t m = 0;
-  for (; m + RM <= rows; m += RM)
-    rank_r_tile<T, RM, kP, kQ>(0, n, a + m * lda, lda, f, u + m * rp, p + m * rp, q, rp);
-  for (; m < rows; ++m)
-    rank_r_tile<T, 1, kP, kQ>(0, n, a + m * lda, lda, f, u + m * rp, p + m * rp, q, rp);
+  int64_t m = rank_r_tiles<T, 8, kP, kQ>(0, rows, n, a, lda, f, u, p, q, rp);
+  m = rank_r_tiles<T, 4, kP, kQ>(m, rows, n, a, lda, f, u, p, q, rp);
+  rank_r_tiles<T, 1, kP, kQ>(m, rows, n, a, lda, f, u, p, q, rp);
 }
 
 template <typename T>
@@ -276,48 +296,68 @@ FASTPEFT_CPU_CLONES static void rank_r_pass(int64_t rows, int64_t n, const doubl
 // The expand: out[i, c] = (bias ? bias[c] : 0) + sum_j t[i, j] * b[j, c] for i < rows,
 // c < n (t [rows, r] with row stride ldt, b [r, n] contiguous, out with row stride ldo):
 // the forward's y = bias + t (scaling B)^T and the backward's h = g A. Register-blocked
-// 4 rows x 4 vectors.
+// RM rows x CV vectors; a tile of RM rows covers all n columns and prefetches (for
+// writing) the out rows of the next tile (npf of them).
+template <typename T, int RM, int CV>
+__attribute__((always_inline)) inline void rank_r_expand_cols(int64_t c, int64_t r,
+                                                              const T* t, int64_t ldt,
+                                                              const T* b, int64_t n,
+                                                              const T* bias, T* out,
+                                                              int64_t ldo) {
+  using V = typename Vec64<T>::type;
+  constexpr int W = 64 / sizeof(T);
+  V acc[RM][CV];
+  for (int l = 0; l < CV; ++l) {
+    const V b0 = bias != nullptr ? load64(bias + c + l * W) : V{};
+    for (int i = 0; i < RM; ++i) acc[i][l] = b0;
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    V bv[CV];
+    for (int l = 0; l < CV; ++l) bv[l] = load64(b + j * n + c + l * W);
+    for (int i = 0; i < RM; ++i) {
+      const T tv = t[i * ldt + j];
+      for (int l = 0; l < CV; ++l) acc[i][l] += tv * bv[l];
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int l = 0; l < CV; ++l) store64(out + i * ldo + c + l * W, acc[i][l]);
+}
+
+template <typename T, int RM>
+__attribute__((always_inline)) inline void rank_r_expand_rows(int64_t n, int64_t r, const T* t,
+                                                              int64_t ldt, const T* b,
+                                                              const T* bias, T* out,
+                                                              int64_t ldo, int npf) {
+  constexpr int W = 64 / sizeof(T), CV = 4;
+  int64_t c = 0;
+  for (; c + CV * W <= n; c += CV * W) {
+    for (int i = 0; i < npf; ++i)
+      for (int l = 0; l < CV; ++l) __builtin_prefetch(out + (RM + i) * ldo + c + l * W, 1, 3);
+    rank_r_expand_cols<T, RM, CV>(c, r, t, ldt, b, n, bias, out, ldo);
+  }
+  for (; c + W <= n; c += W) rank_r_expand_cols<T, RM, 1>(c, r, t, ldt, b, n, bias, out, ldo);
+  for (; c < n; ++c)
+    for (int i = 0; i < RM; ++i) {
+      T acc = bias != nullptr ? bias[c] : T(0);
+      for (int64_t j = 0; j < r; ++j) acc += t[i * ldt + j] * b[j * n + c];
+      out[i * ldo + c] = acc;
+    }
+}
+
 template <typename T>
 __attribute__((always_inline)) inline void rank_r_expand_body(int64_t rows, int64_t n,
                                                               int64_t r, const T* t,
                                                               int64_t ldt, const T* b,
                                                               const T* bias, T* out,
                                                               int64_t ldo) {
-  using V = typename Vec64<T>::type;
-  constexpr int W = 64 / sizeof(T), RM = 4, CV = 4;
+  constexpr int RM = 4;
   int64_t m = 0;
   for (; m + RM <= rows; m += RM) {
-    int64_t c = 0;
-    for (; c + CV * W <= n; c += CV * W) {
-      V acc[RM][CV];
-      for (int l = 0; l < CV; ++l) {
-        const V b0 = bias != nullptr ? load64(bias + c + l * W) : V{};
-        for (int i = 0; i < RM; ++i) acc[i][l] = b0;
-      }
-      for (int64_t j = 0; j < r; ++j) {
-        V bv[CV];
-        for (int l = 0; l < CV; ++l) bv[l] = load64(b + j * n + c + l * W);
-        for (int i = 0; i < RM; ++i) {
-          const T tv = t[(m + i) * ldt + j];
-          for (int l = 0; l < CV; ++l) acc[i][l] += tv * bv[l];
-        }
-      }
-      for (int i = 0; i < RM; ++i)
-        for (int l = 0; l < CV; ++l) store64(out + (m + i) * ldo + c + l * W, acc[i][l]);
-    }
-    for (; c < n; ++c)
-      for (int i = 0; i < RM; ++i) {
-        T acc = bias != nullptr ? bias[c] : T(0);
-        for (int64_t j = 0; j < r; ++j) acc += t[(m + i) * ldt + j] * b[j * n + c];
-        out[(m + i) * ldo + c] = acc;
-      }
+    const int npf = static_cast<int>(std::min<int64_t>(RM, rows - m - RM));
+    rank_r_expand_rows<T, RM>(n, r, t + m * ldt, ldt, b, bias, out + m * ldo, ldo, npf);
   }
   for (; m < rows; ++m)
-    for (int64_t c = 0; c < n; ++c) {
-      T acc = bias != nullptr ? bias[c] : T(0);
-      for (int64_t j = 0; j < r; ++j) acc += t[m * ldt + j] * b[j * n + c];
-      out[m * ldo + c] = acc;
-    }
+    rank_r_expand_rows<T, 1>(n, r, t + m * ldt, ldt, b, bias, out + m * ldo, ldo, 0);
 }
 
 FASTPEFT_CPU_CLONES static void rank_r_expand(int64_t rows, int64_t n, int64_t r,

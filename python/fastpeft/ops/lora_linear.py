@@ -78,8 +78,10 @@ def lora_linear(
 
         triton_lora_linear.register()
         op = torch.ops.fastpeft.lora_linear_triton
+    elif torch.compiler.is_compiling():
+        op = torch.ops.fastpeft.lora_linear.default
     else:
-        op = torch.ops.fastpeft.lora_linear
+        op = _EagerLoraLinear.apply
     lead = x.shape[:-1]
     y, _ = op(
         x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), bias,
@@ -124,6 +126,23 @@ def _make_backward(backward_op):
         return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
 
     return backward
+
+
+class _EagerLoraLinear(torch.autograd.Function):
+    """fastpeft::lora_linear with the autograd formula registered for it below, applied
+    directly in eager mode: the same forward, saved tensors and backward op, without
+    torch.library's Python autograd layer (~70 us of Python per forward+backward).
+    torch.compile traces the op itself."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.fastpeft.lora_linear.default(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_t):
+        return _make_backward(torch.ops.fastpeft.lora_linear_backward.default)(ctx, grad_y, grad_t)
 
 
 def _register() -> None:
