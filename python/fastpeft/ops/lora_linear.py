@@ -142,17 +142,17 @@ class _EagerLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_t):
-        return _make_backward(torch.ops.fastpeft.lora_linear_backward.default)(ctx, grad_y, grad_t)
+        return _cpp_backward(ctx, grad_y, grad_t)
 
 
 def _register() -> None:
+    global _cpp_backward
+    _cpp_backward = _make_backward(torch.ops.fastpeft.lora_linear_backward.default)
     for name in _OPS:
         torch.library.register_fake(name)(_fake_forward)
         torch.library.register_fake(name + "_backward")(_fake_backward)
     torch.library.register_autograd(
-        "fastpeft::lora_linear",
-        _make_backward(torch.ops.fastpeft.lora_linear_backward),
-        setup_context=_setup_context,
+        "fastpeft::lora_linear", _cpp_backward, setup_context=_setup_context
     )
     torch.library.register_autograd(
         "fastpeft::lora_linear_triton",
