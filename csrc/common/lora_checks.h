@@ -88,6 +88,16 @@ inline void check_lora_linear_multi_args(const at::Tensor& x, const at::Tensor& 
               adapter_ids.device());
 }
 
+// x on a CUDA device, in a dtype the CUDA kernels take (float64 too, for tests against
+// the CPU kernels).
+inline void check_cuda_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), "fastpeft: ", op, " (CUDA) expects x on a CUDA device, got ",
+              x.device());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "fastpeft: ", op, " (CUDA) supports float32, bfloat16 and float16 x, got ", dt);
+}
+
 // The extra tensors of a backward: grad_out [M, N] and the saved lora_t [M, r], like x.
 inline void check_backward_args(const at::Tensor& x, const at::Tensor& grad_out,
                                 const at::Tensor& lora_t, int64_t N, int64_t r) {

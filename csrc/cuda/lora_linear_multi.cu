@@ -29,15 +29,6 @@ namespace fastpeft {
 
 namespace {
 
-void check_cuda_multi(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "fastpeft: lora_linear_multi (CUDA) expects x on a CUDA device, got ",
-              x.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-              "fastpeft: lora_linear_multi (CUDA) supports float32, bfloat16 and float16 x, got ",
-              dt);
-}
-
 // [n, N, r] -> [n, r, N], contiguous.
 at::Tensor transpose_b(const at::Tensor& lora_b) { return lora_b.transpose(1, 2).contiguous(); }
 
@@ -51,7 +42,7 @@ std::tuple<Tensor, Tensor> lora_linear_multi_cuda(const Tensor& x_in, const Tens
                                                   const Tensor& adapter_ids_in) {
   check_lora_linear_multi_args(x_in, weight_in, bias_in, lora_a_in, lora_b_in, scalings_in,
                                adapter_ids_in);
-  check_cuda_multi(x_in);
+  check_cuda_input(x_in, "lora_linear_multi");
   c10::cuda::CUDAGuard device_guard(x_in.device());
 
   const Tensor x = x_in.contiguous();
@@ -101,7 +92,7 @@ Grads5 lora_linear_multi_backward_cuda(const Tensor& grad_out_in, const Tensor& 
                                        std::array<bool, 5> output_mask) {
   check_lora_linear_multi_args(x_in, weight_in, std::nullopt, lora_a_in, lora_b_in,
                                scalings_in, adapter_ids_in);
-  check_cuda_multi(x_in);
+  check_cuda_input(x_in, "lora_linear_multi");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0);
   const int64_t n = lora_a_in.size(0), r = lora_a_in.size(1);
   check_backward_args(x_in, grad_out_in, lora_t_in, N, r);
