@@ -10,7 +10,8 @@ from _tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (leading dims, in, out, r): odd sizes on purpose; M = 1 and M = 0.
-SHAPES = [((37,), 64, 48, 16), ((1,), 577, 1531, 7), ((0,), 33, 17, 5), ((2, 3), 577, 129, 7)]
+SHAPES = [((37,), 64, 48, 16), ((1,), 577, 1531, 7), ((0,), 33, 17, 5), ((2, 3), 577, 129, 7),
+          ((1000,), 577, 300, 7)]  # the last: many row blocks per thread, many mask runs
 
 
 def make_inputs(lead, k, n, r, dtype, bias=True, requires_grad=True, seed=0):

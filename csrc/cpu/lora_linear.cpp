@@ -6,7 +6,7 @@
 // The row-block passes run in parallel: each thread regenerates the Philox dropout mask
 // for its block in L1-sized runs (cpu/dropout.h, vectorised), applies it into a small
 // scratch tile and multiplies that by the rank-r factors with the register-blocked
-// kernels of cpu/dropout.h (MKL runs these skinny k = r or n = r shapes at under half its
+// kernels of cpu/rank_r.h (MKL runs these skinny k = r or n = r shapes at under half its
 // big-GEMM rate). The backward computes g = grad_out (scaling B) and grad_out^T t in one
 // read of grad_out. Neither the mask nor dropout(x) is ever stored. p == 0 skips the mask.
 // The row blocks split evenly over the threads; the per-thread buffers persist across calls,
@@ -23,6 +23,7 @@
 #include "common/lora_checks.h"
 #include "common/philox.h"
 #include "cpu/dropout.h"
+#include "cpu/rank_r.h"
 #include "ops.h"
 
 namespace fastpeft {
