@@ -158,44 +158,36 @@ Grads5 lora_linear_multi_backward_cuda(const Tensor& grad_out_in, const Tensor& 
   grad_weight = output_mask[1] ? at::mm(grad_out.t(), x) : x.new_empty({0});
   grad_bias = output_mask[2] ? grad_out.sum(0) : x.new_empty({0});
 
-  // Per-adapter sums scaled by scalings[a] in the accumulation dtype, then cast once.
+  // sum_{m: id[m] = a} scalings[a] * u[m]^T v[m] per adapter a: [n, r, C] in the
+  // accumulation dtype (cast once by the caller). u is [M, r], v is [M, C].
   const Tensor scale3 = scalings.to(acc_type).view({n, 1, 1});
+  auto adapter_outer = [&](const Tensor& u, const Tensor& v) {
+    Tensor part;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                    "fastpeft_lora_linear_multi_backward_outer", [&] {
+      part = cuda_kernels::launch_outer<scalar_t>(u.const_data_ptr<scalar_t>(),
+                                                  v.const_data_ptr<scalar_t>(),
+                                                  ids.const_data_ptr<int64_t>(), M, v.size(1), r,
+                                                  n, acc_opts, stream);
+    });
+    return part.sum(0).mul_(scale3);
+  };
 
-  if (output_mask[3]) {
-    if (!has_lora) {
-      grad_lora_a = at::zeros({n, r, K}, x.options());
-    } else {
-      Tensor part;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                      "fastpeft_lora_linear_multi_backward_a", [&] {
-        part = cuda_kernels::launch_outer<scalar_t>(g.const_data_ptr<scalar_t>(),
-                                                    x.const_data_ptr<scalar_t>(),
-                                                    ids.const_data_ptr<int64_t>(), M, K, r, n,
-                                                    acc_opts, stream);
-      });
-      grad_lora_a = part.sum(0).mul_(scale3).to(x.scalar_type()).contiguous();  // [n, r, K]
-    }
-  } else {
+  if (!output_mask[3]) {
     grad_lora_a = x.new_empty({0});
+  } else if (!has_lora) {
+    grad_lora_a = at::zeros({n, r, K}, x.options());
+  } else {
+    grad_lora_a = adapter_outer(g, x).to(x.scalar_type()).contiguous();  // [n, r, K]
   }
 
-  if (output_mask[4]) {
-    if (!has_lora) {
-      grad_lora_b = at::zeros({n, N, r}, x.options());
-    } else {
-      Tensor part;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                      "fastpeft_lora_linear_multi_backward_b", [&] {
-        part = cuda_kernels::launch_outer<scalar_t>(lora_t.const_data_ptr<scalar_t>(),
-                                                    grad_out.const_data_ptr<scalar_t>(),
-                                                    ids.const_data_ptr<int64_t>(), M, N, r, n,
-                                                    acc_opts, stream);
-      });
-      // part.sum(0) is [n, r, N]; the contract's layout is [n, N, r].
-      grad_lora_b = part.sum(0).mul_(scale3).transpose(1, 2).to(x.scalar_type()).contiguous();
-    }
-  } else {
+  if (!output_mask[4]) {
     grad_lora_b = x.new_empty({0});
+  } else if (!has_lora) {
+    grad_lora_b = at::zeros({n, N, r}, x.options());
+  } else {
+    // [n, r, N] -> the contract's [n, N, r].
+    grad_lora_b = adapter_outer(lora_t, grad_out).transpose(1, 2).to(x.scalar_type()).contiguous();
   }
 
   return {grad_x, grad_weight, grad_bias, grad_lora_a, grad_lora_b};
