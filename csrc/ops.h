@@ -1,5 +1,6 @@
-// C++ declarations of fastpeft's kernels. The schemas live in torch_bindings.cpp;
-// x is always 2-D [M, K] here (the Python wrappers flatten leading dims).
+// C++ declarations of fastpeft's kernels. The schemas live in torch_bindings.cpp; each kernel
+// file registers its own implementations. x / h are always 2-D [M, K] here (the Python wrappers
+// flatten leading dims).
 #pragma once
 
 #include <array>
@@ -7,10 +8,12 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 namespace fastpeft {
 
 using Tensor = at::Tensor;
+using Grads4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Grads5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // y = x W^T + b + scaling * (dropout(x) A^T) B^T; also returns t = dropout(x) A^T [M, r].
@@ -39,7 +42,47 @@ Grads5 lora_linear_multi_backward_cpu(const Tensor& grad_out, const Tensor& x,
                                       const Tensor& adapter_ids, const Tensor& lora_t,
                                       std::array<bool, 5> output_mask);
 
+// IA3 (see torch_bindings.cpp): (y, unscaled) and (grad_x, grad_weight, grad_bias, grad_scale).
+#define FASTPEFT_IA3_LINEAR_DECLS(suffix)                                                       \
+  std::tuple<Tensor, Tensor> ia3_linear_##suffix(const Tensor& x, const Tensor& weight,         \
+                                                 const std::optional<Tensor>& bias,            \
+                                                 const Tensor& scale, bool scale_input,        \
+                                                 bool keep_unscaled);                          \
+  Grads4 ia3_linear_backward_##suffix(const Tensor& grad_out, const Tensor& x,                 \
+                                      const Tensor& weight, const std::optional<Tensor>& bias, \
+                                      const Tensor& scale, const Tensor& unscaled,             \
+                                      bool scale_input, std::array<bool, 4> output_mask);
+
+// Bottleneck adapter: (out, z) and (grad_h, grad_w_down, grad_b_down, grad_w_up, grad_b_up).
+#define FASTPEFT_ADAPTER_BOTTLENECK_DECLS(suffix)                                              \
+  std::tuple<Tensor, Tensor> adapter_bottleneck_##suffix(                                      \
+      const Tensor& h, const Tensor& w_down, const std::optional<Tensor>& b_down,              \
+      const Tensor& w_up, const std::optional<Tensor>& b_up, c10::string_view activation,      \
+      double scaling, const std::optional<Tensor>& residual);                                  \
+  Grads5 adapter_bottleneck_backward_##suffix(                                                 \
+      const Tensor& grad_out, const Tensor& h, const Tensor& w_down, const Tensor& w_up,       \
+      const Tensor& z, c10::string_view activation, double scaling, bool residual_is_h,        \
+      std::array<bool, 5> output_mask);
+
+// Prefix attention: (out, lse) and (grad_q, grad_k, grad_v, grad_prefix_k, grad_prefix_v).
+#define FASTPEFT_PREFIX_ATTENTION_DECLS(suffix)                                                \
+  std::tuple<Tensor, Tensor> prefix_attention_##suffix(                                        \
+      const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,               \
+      const Tensor& prefix_v, const std::optional<Tensor>& attn_mask, bool causal,             \
+      double scale);                                                                           \
+  Grads5 prefix_attention_backward_##suffix(                                                   \
+      const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,               \
+      const Tensor& prefix_k, const Tensor& prefix_v, const std::optional<Tensor>& attn_mask,  \
+      const Tensor& out, const Tensor& lse, bool causal, double scale);
+
+FASTPEFT_IA3_LINEAR_DECLS(cpu)
+FASTPEFT_ADAPTER_BOTTLENECK_DECLS(cpu)
+FASTPEFT_PREFIX_ATTENTION_DECLS(cpu)
+
 #ifdef FASTPEFT_WITH_CUDA
+FASTPEFT_IA3_LINEAR_DECLS(cuda)
+FASTPEFT_ADAPTER_BOTTLENECK_DECLS(cuda)
+FASTPEFT_PREFIX_ATTENTION_DECLS(cuda)
 std::tuple<Tensor, Tensor> lora_linear_cuda(const Tensor& x, const Tensor& weight,
                                             const std::optional<Tensor>& bias,
                                             const Tensor& lora_a, const Tensor& lora_b,

@@ -1,8 +1,7 @@
-// Every fastpeft op schema, and the CPU implementations. CUDA implementations
-// register in csrc/cuda/*.cu; the Triton ones from python/fastpeft/ops/triton.
+// Every fastpeft op schema. Each kernel file registers its own implementations:
+// csrc/cpu/<op>.cpp for CPU, csrc/cuda/<op>.cu for CUDA, and the Triton ones from
+// python/fastpeft/ops/triton/<op>.py (the *_triton ops, for CPU under the interpreter and CUDA).
 #include <torch/library.h>
-
-#include "ops.h"
 
 TORCH_LIBRARY(fastpeft, m) {
   // LoRA linear: (y, t) with y = x W^T + b + scaling * t B^T, t = dropout(x) A^T.
@@ -22,7 +21,51 @@ TORCH_LIBRARY(fastpeft, m) {
       "lora_linear_multi_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, "
       "Tensor lora_b, Tensor scalings, Tensor adapter_ids, Tensor lora_t, "
       "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The Triton implementations of lora_linear (kernels in python/fastpeft/ops/triton).
+
+  // IA3 linear, x [M, K], weight [N, K], scale [K] (scale_input) or [N]:
+  //   scale_input:  y = (x * l) W^T + b;   else  y = (x W^T + b) * l.
+  // Returns (y, unscaled): unscaled = x W^T + b [M, N] when !scale_input && keep_unscaled
+  // (saved for grad_scale instead of x), otherwise a 1-D empty tensor.
+  m.def(
+      "ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor scale, bool scale_input, "
+      "bool keep_unscaled) -> (Tensor, Tensor)");
+  // (grad_x, grad_weight, grad_bias, grad_scale). unscaled is [M, N] or a 1-D empty tensor
+  // (not kept); x is [M, K], or 1-D empty when neither grad_weight nor (without unscaled)
+  // grad_scale is asked for. bias is needed for grad_scale when only x is given.
+  m.def(
+      "ia3_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor scale, "
+      "Tensor unscaled, bool scale_input, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Bottleneck adapter, h [M, D], w_down [R, D], w_up [D, R], residual [M, D] or None (= h):
+  //   out = residual + scaling * (act(h Wd^T + bd) Wu^T + bu).
+  // Returns (out, z) with z = h Wd^T + bd [M, R], the pre-activation kept for the backward.
+  // activation: "relu", "gelu" (erf), "gelu_tanh", "silu".
+  m.def(
+      "adapter_bottleneck(Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
+      "str activation, float scaling, Tensor? residual) -> (Tensor, Tensor)");
+  // (grad_h, grad_w_down, grad_b_down, grad_w_up, grad_b_up); grad_h includes grad_out when
+  // residual_is_h (the grad of a separate residual is grad_out itself).
+  m.def(
+      "adapter_bottleneck_backward(Tensor grad_out, Tensor h, Tensor w_down, Tensor w_up, "
+      "Tensor z, str activation, float scaling, bool residual_is_h, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Attention over [prefix ; keys] without the concat. q [B, Hq, T, D], k / v [B, Hkv, T, D],
+  // prefix_k / prefix_v [B or 1, Hkv, P, D], attn_mask [B, T] bool (True = attend) or None.
+  // Query head h reads kv head h / (Hq / Hkv). The prefix is visible to every query; causal
+  // applies inside the sequence. Returns (out [B, Hq, T, D], lse [B, Hq, T]); lse is fp32
+  // (fp64 for fp64 inputs) and +inf for a query that sees no key (its output is 0).
+  m.def(
+      "prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+      "Tensor? attn_mask, bool causal, float scale) -> (Tensor, Tensor)");
+  // (grad_q, grad_k, grad_v, grad_prefix_k, grad_prefix_v); prefix grads have the prefix's
+  // shape (summed over the batch when its batch is 1).
+  m.def(
+      "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor prefix_k, Tensor prefix_v, Tensor? attn_mask, Tensor out, Tensor lse, "
+      "bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // The Triton implementations (kernels in python/fastpeft/ops/triton), same schemas.
   m.def(
       "lora_linear_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
       "Tensor lora_b, float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
@@ -30,11 +73,25 @@ TORCH_LIBRARY(fastpeft, m) {
       "lora_linear_triton_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, "
       "Tensor lora_b, Tensor lora_t, float scaling, float dropout_p, Tensor seed, "
       "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
-  m.impl("lora_linear", &fastpeft::lora_linear_cpu);
-  m.impl("lora_linear_backward", &fastpeft::lora_linear_backward_cpu);
-  m.impl("lora_linear_multi", &fastpeft::lora_linear_multi_cpu);
-  m.impl("lora_linear_multi_backward", &fastpeft::lora_linear_multi_backward_cpu);
+  m.def(
+      "ia3_linear_triton(Tensor x, Tensor weight, Tensor? bias, Tensor scale, bool scale_input, "
+      "bool keep_unscaled) -> (Tensor, Tensor)");
+  m.def(
+      "ia3_linear_triton_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor scale, Tensor unscaled, bool scale_input, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "adapter_bottleneck_triton(Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, "
+      "Tensor? b_up, str activation, float scaling, Tensor? residual) -> (Tensor, Tensor)");
+  m.def(
+      "adapter_bottleneck_triton_backward(Tensor grad_out, Tensor h, Tensor w_down, "
+      "Tensor w_up, Tensor z, str activation, float scaling, bool residual_is_h, "
+      "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "prefix_attention_triton(Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
+      "Tensor prefix_v, Tensor? attn_mask, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "prefix_attention_triton_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor prefix_k, Tensor prefix_v, Tensor? attn_mask, Tensor out, Tensor lse, "
+      "bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -4,23 +4,9 @@
 
 #include <optional>
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include "common/checks.h"
 
 namespace fastpeft {
-
-inline void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t,
-                                    const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "fastpeft: ", name, " must be on ", ref.device(),
-              " like x, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastpeft: ", name,
-              " must have dtype ", ref.scalar_type(), " like x, got ", t.scalar_type());
-}
-
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
-  TORCH_CHECK(t.dim() == dim, "fastpeft: ", name, " must be ", dim, "-D ", layout, ", got shape ",
-              t.sizes());
-}
 
 // x [M, K], weight [N, K], bias [N], lora_a [r, K], lora_b [N, r].
 inline void check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
@@ -86,16 +72,6 @@ inline void check_lora_linear_multi_args(const at::Tensor& x, const at::Tensor& 
               "fastpeft: adapter_ids must be an int64 [", M, "] tensor on ", x.device(),
               ", got ", adapter_ids.scalar_type(), " ", adapter_ids.sizes(), " on ",
               adapter_ids.device());
-}
-
-// x on a CUDA device, in a dtype the CUDA kernels take (float64 too, for tests against
-// the CPU kernels).
-inline void check_cuda_input(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), "fastpeft: ", op, " (CUDA) expects x on a CUDA device, got ",
-              x.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-              "fastpeft: ", op, " (CUDA) supports float32, bfloat16 and float16 x, got ", dt);
 }
 
 // The extra tensors of a backward: grad_out [M, N] and the saved lora_t [M, r], like x.

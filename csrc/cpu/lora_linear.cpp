@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -404,3 +405,8 @@ Grads5 lora_linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in,
 }
 
 }  // namespace fastpeft
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("lora_linear", &fastpeft::lora_linear_cpu);
+  m.impl("lora_linear_backward", &fastpeft::lora_linear_backward_cpu);
+}

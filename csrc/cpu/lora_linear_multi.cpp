@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "common/lora_checks.h"
 #include "ops.h"
@@ -159,3 +160,8 @@ Grads5 lora_linear_multi_backward_cpu(const Tensor& grad_out_in, const Tensor& x
 }
 
 }  // namespace fastpeft
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("lora_linear_multi", &fastpeft::lora_linear_multi_cpu);
+  m.impl("lora_linear_multi_backward", &fastpeft::lora_linear_multi_backward_cpu);
+}

@@ -2,13 +2,19 @@
 
 from fastpeft.ops import reference
 from fastpeft.ops._backend import get_backend, set_backend, use_backend
+from fastpeft.ops.adapter_bottleneck import adapter_bottleneck
+from fastpeft.ops.ia3_linear import ia3_linear
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.lora_linear_multi import lora_linear_multi
+from fastpeft.ops.prefix_attention import prefix_attention
 
 __all__ = [
+    "adapter_bottleneck",
     "get_backend",
+    "ia3_linear",
     "lora_linear",
     "lora_linear_multi",
+    "prefix_attention",
     "reference",
     "set_backend",
     "use_backend",

@@ -10,14 +10,14 @@ def check_tensor(name: str, t, dim: int | None = None) -> None:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
 
 
-def check_like(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+def check_like(name: str, t: torch.Tensor, x: torch.Tensor, x_name: str = "x") -> None:
     if t.device != x.device:
-        raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
+        raise ValueError(f"{name} must be on {x.device} like {x_name}, got {t.device}")
     if t.dtype != x.dtype:
-        raise ValueError(f"{name} must have dtype {x.dtype} like x, got {t.dtype}")
+        raise ValueError(f"{name} must have dtype {x.dtype} like {x_name}, got {t.dtype}")
 
 
-def check_float_dtype(x: torch.Tensor) -> None:
+def check_float_dtype(x: torch.Tensor, name: str = "x") -> None:
     allowed = (
         (torch.float32, torch.bfloat16, torch.float16)
         if x.device.type == "cuda"
@@ -25,7 +25,7 @@ def check_float_dtype(x: torch.Tensor) -> None:
     )
     if x.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
-        raise ValueError(f"x must have dtype one of {names} on {x.device.type}, got {x.dtype}")
+        raise ValueError(f"{name} must have dtype one of {names} on {x.device.type}, got {x.dtype}")
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

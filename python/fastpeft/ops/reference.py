@@ -92,3 +92,87 @@ def lora_linear_multi(
         rows = (adapter_ids == j).unsqueeze(-1).to(x.dtype)
         y = y + rows * (float(scalings[j]) * F.linear(F.linear(x, lora_a[j]), lora_b[j]))
     return y
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    scale_input: bool,
+) -> torch.Tensor:
+    """peft's IA3: (x * l) W^T + b when scale_input (feed-forward layers), else (x W^T + b) * l.
+    scale l has in_features (or out_features) elements, in any shape (peft keeps [1, in] / [out, 1])."""
+    l = scale.reshape(-1)
+    if scale_input:
+        return F.linear(x * l, weight, bias)
+    return F.linear(x, weight, bias) * l
+
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+}
+# Other names for the same functions (Hugging Face / AdapterHub spellings).
+ACTIVATION_ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                      "gelu_fast": "gelu_tanh"}
+
+
+def canonical_activation(name: str) -> str:
+    """The canonical activation name ("relu", "gelu", "gelu_tanh", "silu") or ValueError."""
+    key = ACTIVATION_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in ACTIVATIONS:
+        known = ", ".join([*ACTIVATIONS, *ACTIVATION_ALIASES])
+        raise ValueError(f"activation must be one of {known}, got {name!r}")
+    return key
+
+
+def adapter_bottleneck(
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    activation: str,
+    scaling: float = 1.0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Houlsby / Pfeiffer bottleneck: residual + scaling * (act(h Wd^T + bd) Wu^T + bu);
+    the residual defaults to h."""
+    act = ACTIVATIONS[canonical_activation(activation)]
+    up = F.linear(act(F.linear(h, w_down, b_down)), w_up, b_up)
+    return (h if residual is None else residual) + scaling * up
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention of q [B, Hq, T, D] over [prefix ; keys] (materialized here, as the
+    ground truth). The prefix [B or 1, Hkv, P, D] is visible to every query; causal applies
+    inside the sequence; attn_mask [B, T] (True = attend) hides sequence keys; query head h
+    reads kv head h // (Hq / Hkv). A query that sees no key returns 0."""
+    B, Hq, T, D = q.shape
+    group = Hq // k.shape[1]
+    P = prefix_k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    keys = torch.cat([prefix_k.expand(B, -1, -1, -1), k], 2).repeat_interleave(group, 1)
+    values = torch.cat([prefix_v.expand(B, -1, -1, -1), v], 2).repeat_interleave(group, 1)
+    visible = torch.ones(B, 1, T, P + T, dtype=torch.bool, device=q.device)
+    if causal:
+        visible[..., P:] &= torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        visible[..., P:] &= attn_mask.bool()[:, None, None, :]
+    any_visible = visible.any(-1, keepdim=True)
+    scores = (q @ keys.transpose(-1, -2)) * scale
+    scores = torch.where(any_visible, scores.masked_fill(~visible, float("-inf")), 0.0)
+    probs = torch.softmax(scores, -1) * visible
+    return probs @ values

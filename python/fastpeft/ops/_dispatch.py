@@ -1,0 +1,62 @@
+"""The plumbing every fused op shares: picking the implementation for a call, and registering
+fake kernels plus autograd for an op and its Triton twin (the backward itself a custom op)."""
+
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+
+from fastpeft import _ext
+from fastpeft.ops import _backend
+
+
+def kernel(name: str, device: torch.device, eager: Callable | None) -> Callable | None:
+    """The callable to run fastpeft::<name> on `device`, or None when the reference backend is
+    selected. `eager` is the op's autograd Function (fastest in eager mode); under
+    torch.compile the registered op itself is returned, so the compiler can trace it."""
+    impl = _backend.implementation(name, device)
+    if impl == "reference":
+        return None
+    _ext.require_extension()
+    if impl == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
+                f"got tensors on {device}"
+            )
+        importlib.import_module(f"fastpeft.ops.triton.{name}").register()
+        return getattr(torch.ops.fastpeft, name + "_triton").default
+    if eager is None or torch.compiler.is_compiling():
+        return getattr(torch.ops.fastpeft, name).default
+    return eager
+
+
+def register(name: str, fake_forward, fake_backward, setup_context, make_backward) -> Callable:
+    """Register fakes and autograd for fastpeft::<name> and fastpeft::<name>_triton, where
+    make_backward(backward_op) builds the autograd backward around the op's backward op.
+    Returns the eager `apply` of an autograd Function running fastpeft::<name> with the same
+    formula, without torch.library's Python autograd layer (tens of us per call)."""
+    for op in (name, name + "_triton"):
+        torch.library.register_fake(f"fastpeft::{op}")(fake_forward)
+        torch.library.register_fake(f"fastpeft::{op}_backward")(fake_backward)
+        backward_op = getattr(torch.ops.fastpeft, op + "_backward").default
+        torch.library.register_autograd(
+            f"fastpeft::{op}", make_backward(backward_op), setup_context=setup_context
+        )
+    forward_op = getattr(torch.ops.fastpeft, name).default
+    backward = make_backward(getattr(torch.ops.fastpeft, name + "_backward").default)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward_op(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Eager.__name__ = Eager.__qualname__ = f"Eager_{name}"
+    return Eager.apply
