@@ -24,6 +24,7 @@
 // max, exp, sums) use 64-byte GCC vectors in functions cloned per ISA.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -35,7 +36,6 @@
 #include <torch/library.h>
 
 #include "common/prefix_attention_checks.h"
-#include "cpu/rank_r.h"  // Vec64, load64, store64, FASTPEFT_CPU_CLONES
 #include "ops.h"
 
 // The Fortran BLAS that libtorch_cpu links and exports (MKL in the x86-64 wheels), as ATen's
@@ -50,11 +50,34 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
+// The row passes are compiled per ISA (an AVX-512 clone runs on this project's machines), as
+// cpu/dropout.h's FASTPEFT_CPU_CLONES.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
+#define FASTPEFT_PA_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define FASTPEFT_PA_CLONES
+#endif
+
 namespace fastpeft {
 namespace {
 
-using cpu::load64;
-using cpu::store64;
+// One 64-byte GCC vector of T (a zmm register in the x86-64-v4 clone).
+template <typename T>
+struct Vec64 {
+  typedef T type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename Vec64<T>::type;
+template <typename T>
+__attribute__((always_inline)) inline Vec<T> load64(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+__attribute__((always_inline)) inline void store64(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
 void check_blas() {
   TORCH_CHECK(sgemm_ != nullptr && dgemm_ != nullptr,
@@ -131,9 +154,6 @@ inline void for_each_key_block(int64_t P, int64_t T_, int64_t i0, int64_t n, boo
 }
 
 // ---- row passes over a score block S [R, kBK] (row stride kBK), vectorised ----------------
-
-template <typename T>
-using Vec = typename cpu::Vec64<T>::type;
 
 // exp on one vector. fp32: Cephes' expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp)
 // for x <= 88, flushed to 0 below -87 (and for -inf). fp64 (the testing dtype): std::exp.
@@ -262,7 +282,7 @@ __attribute__((always_inline)) inline void bwd_dscores_body(T* dP, const T* S, i
   }
 }
 
-FASTPEFT_CPU_CLONES static void fwd_softmax(float* S, int64_t R, const RowMask<float>& rm,
+FASTPEFT_PA_CLONES static void fwd_softmax(float* S, int64_t R, const RowMask<float>& rm,
                                             float* m, float* l, float* O, int64_t D) {
   fwd_softmax_body<float>(S, R, rm, m, l, O, D);
 }
@@ -270,14 +290,14 @@ static void fwd_softmax(double* S, int64_t R, const RowMask<double>& rm, double*
                         double* O, int64_t D) {
   fwd_softmax_body<double>(S, R, rm, m, l, O, D);
 }
-FASTPEFT_CPU_CLONES static void bwd_probs(float* S, int64_t R, const RowMask<float>& rm,
+FASTPEFT_PA_CLONES static void bwd_probs(float* S, int64_t R, const RowMask<float>& rm,
                                           const float* lse) {
   bwd_probs_body<float>(S, R, rm, lse);
 }
 static void bwd_probs(double* S, int64_t R, const RowMask<double>& rm, const double* lse) {
   bwd_probs_body<double>(S, R, rm, lse);
 }
-FASTPEFT_CPU_CLONES static void bwd_dscores(float* dP, const float* S, int64_t R, int64_t mb,
+FASTPEFT_PA_CLONES static void bwd_dscores(float* dP, const float* S, int64_t R, int64_t mb,
                                             const float* delta) {
   bwd_dscores_body<float>(dP, S, R, mb, delta);
 }
