@@ -11,8 +11,10 @@
 // hides entirely; online softmax with a running max m, sum l and unnormalised output O per
 // row. Saves lse = m + log l (+inf when no key is visible; the output is then 0).
 //
-// Backward, parallel over (batch, kv head), so that a unit owns dk / dv of its kv head: per
-// query block, delta = rowsum(dO * O), then per key block (the same walk)
+// Backward, parallel over (batch, kv head), so that a unit owns dk / dv of its kv head (when
+// there are too few of them for the threads, over query-block slices of them, each with its
+// own dk / dv partial, summed after): per query block, delta = rowsum(dO * O), then per key
+// block (the same walk)
 //   p = exp(s - lse), dV += p^T dO, dp = dO V^T, ds = p (dp - delta),
 //   dQ += scale ds K, dK += ds^T (scale q).
 // The prefix grads go to a per-batch partial [B, Hkv, P, D], summed over the batch at the end
@@ -26,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -417,6 +420,23 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 
 // ---- backward -------------------------------------------------------------------------------
 
+// Query-block slices per (batch, kv head) in the backward. One unit per (batch, kv head) owns
+// its dk / dv; when there are too few units to share the threads equally, each is cut into S
+// slices of its query blocks, each slice accumulating its own dk / dv partial (summed after).
+// S makes the unit count a multiple of the thread count, at most 4 (the partials' memory).
+int64_t backward_slices(int64_t units, int64_t nqb, int64_t nthreads) {
+  if (units == 0 || units % nthreads == 0 || units >= 4 * nthreads) return 1;
+  const int64_t s = nthreads / std::gcd(units, nthreads);
+  return std::max<int64_t>(1, std::min<int64_t>({s, 4, nqb}));
+}
+
+// The slice that query block qb belongs to: zigzag (0, 1, .., S-1, S-1, .., 0, 0, ..) so that
+// the causal blocks' growing costs even out across the slices.
+int64_t slice_of(int64_t qb, int64_t S) {
+  const int64_t p = qb % (2 * S);
+  return p < S ? p : 2 * S - 1 - p;
+}
+
 template <typename scalar_t>
 void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                    const Tensor& prefix_k, const Tensor& prefix_v,
@@ -426,8 +446,9 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
   using op_t = at::opmath_type<scalar_t>;
   constexpr bool kDirect = std::is_same_v<op_t, scalar_t>;
   const Dims d(q, k, prefix_k);
-  const int64_t G = d.G, T = d.T, P = d.P, D = d.D, Hkv = d.Hkv;
+  const int64_t G = d.G, T = d.T, P = d.P, D = d.D, Hkv = d.Hkv, nk = P + T;
   const int64_t nq = query_block(G), nqb = (T + nq - 1) / nq;
+  const int64_t S = backward_slices(d.B * Hkv, nqb, std::max<int64_t>(at::get_num_threads(), 1));
   const PaddingMask<op_t> pm(attn_mask, d.B, T);
   const scalar_t *GO = grad_out.data_ptr<scalar_t>(), *Q = q.data_ptr<scalar_t>();
   const scalar_t *K = k.data_ptr<scalar_t>(), *V = v.data_ptr<scalar_t>();
@@ -438,14 +459,24 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
   scalar_t* DV = dv.data_ptr<scalar_t>();
   op_t *DPK = dpk_part.data_ptr<op_t>(), *DPV = dpv_part.data_ptr<op_t>();
   const op_t sc = static_cast<op_t>(scale);
+  // With slices: each unit's dk and dv over [prefix ; sequence] keys, [units, 2, nk, D].
+  std::vector<op_t> slice_parts(S > 1 ? static_cast<size_t>(d.B * Hkv * S * 2 * nk * D) : 0);
 
-  at::parallel_for(0, d.B * Hkv, 1, [&](int64_t u0, int64_t u1) {
-    const int64_t rmax = G * nq, nk = P + T;
+  // A (batch, kv head)'s dk / dv over [prefix ; sequence] -> dk, dv and the prefix partials.
+  auto write_kv_grads = [&](int64_t b, int64_t h, const op_t* dka, const op_t* dva) {
+    convert(dka + P * D, DK + (b * Hkv + h) * T * D, T * D);
+    convert(dva + P * D, DV + (b * Hkv + h) * T * D, T * D);
+    std::copy(dka, dka + P * D, DPK + (b * Hkv + h) * P * D);
+    std::copy(dva, dva + P * D, DPV + (b * Hkv + h) * P * D);
+  };
+
+  at::parallel_for(0, d.B * Hkv * S, 1, [&](int64_t u0, int64_t u1) {
+    const int64_t rmax = G * nq;
     std::vector<op_t> qs(rmax * D), gob(rmax * D), dqa(rmax * D), s(rmax * kBK), dp(rmax * kBK);
     std::vector<op_t> lr(rmax), delta(rmax), dka(nk * D), dva(nk * D), kc, vc;
     if constexpr (!kDirect) kc.resize(nk * D), vc.resize(nk * D);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / Hkv, h = u % Hkv, bp = d.Bp == 1 ? 0 : b;
+      const int64_t b = u / S / Hkv, h = u / S % Hkv, slice = u % S, bp = d.Bp == 1 ? 0 : b;
       const scalar_t* kseg[2] = {PK + (bp * Hkv + h) * P * D, K + (b * Hkv + h) * T * D};
       const scalar_t* vseg[2] = {PV + (bp * Hkv + h) * P * D, V + (b * Hkv + h) * T * D};
       // This kv head's keys / values in op_t, prefix rows first: converted once per unit.
@@ -462,6 +493,7 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
       std::fill(dka.begin(), dka.end(), op_t(0));
       std::fill(dva.begin(), dva.end(), op_t(0));
       for (int64_t qb = 0; qb < nqb; ++qb) {
+        if (slice_of(qb, S) != slice) continue;
         const int64_t i0 = qb * nq, n = std::min(nq, T - i0), R = G * n;
         for (int64_t g = 0; g < G; ++g) {
           const int64_t row0 = (b * d.Hq + h * G + g) * T + i0;
@@ -496,10 +528,25 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
         for (int64_t g = 0; g < G; ++g)
           convert(dqa.data() + g * n * D, DQ + ((b * d.Hq + h * G + g) * T + i0) * D, n * D);
       }
-      convert(dka.data() + P * D, DK + (b * Hkv + h) * T * D, T * D);
-      convert(dva.data() + P * D, DV + (b * Hkv + h) * T * D, T * D);
-      std::copy(dka.begin(), dka.begin() + P * D, DPK + (b * Hkv + h) * P * D);
-      std::copy(dva.begin(), dva.begin() + P * D, DPV + (b * Hkv + h) * P * D);
+      if (S == 1) {
+        write_kv_grads(b, h, dka.data(), dva.data());
+      } else {
+        op_t* part = slice_parts.data() + u * 2 * nk * D;
+        std::copy(dka.begin(), dka.end(), part);
+        std::copy(dva.begin(), dva.end(), part + nk * D);
+      }
+    }
+  });
+  if (S == 1) return;
+  // Sum the slices' partials of each (batch, kv head) into the first slice's.
+  at::parallel_for(0, d.B * Hkv, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      op_t* sum = slice_parts.data() + u * S * 2 * nk * D;
+      for (int64_t sl = 1; sl < S; ++sl) {
+        const op_t* part = sum + sl * 2 * nk * D;
+        for (int64_t i = 0; i < 2 * nk * D; ++i) sum[i] += part[i];
+      }
+      write_kv_grads(u / Hkv, u % Hkv, sum, sum + nk * D);
     }
   });
 }
