@@ -111,7 +111,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
 
 constexpr int64_t kBK = 64;  // keys per block (a multiple of every vector width)
 
-// Query positions per block: the stacked rows (G per position) about 192-256.
+// Query positions per block: 64, halved (down to 16) while the G-fold stacked rows pass 256.
 int64_t query_block(int64_t G) {
   int64_t n = 64;
   while (n > 16 && n * G > 256) n /= 2;
@@ -344,8 +344,14 @@ struct PaddingMask {
 };
 
 template <typename dst_t, typename src_t>
-inline void convert(const src_t* src, dst_t* dst, int64_t n, dst_t mul = dst_t(1)) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<dst_t>(src[i]) * mul;
+inline void convert(const src_t* src, dst_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<dst_t>(src[i]);
+}
+
+// dst = mul * src in the accumulation type (the scaled q rows).
+template <typename op_t, typename src_t>
+inline void convert_scaled(const src_t* src, op_t* dst, int64_t n, op_t mul) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<op_t>(src[i]) * mul;
 }
 
 // A [rows, D] block in op_t: the data itself when it already is, else converted into buf.
@@ -388,7 +394,8 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
       const int64_t n = std::min(nq, T - i0), R = G * n;
       const int64_t bp = d.Bp == 1 ? 0 : b;
       for (int64_t g = 0; g < G; ++g)
-        convert(Q + ((b * d.Hq + h * G + g) * T + i0) * D, qs.data() + g * n * D, n * D, sc);
+        convert_scaled(Q + ((b * d.Hq + h * G + g) * T + i0) * D, qs.data() + g * n * D, n * D,
+                       sc);
       std::fill(m.begin(), m.begin() + R, -inf);
       std::fill(l.begin(), l.begin() + R, op_t(0));
       std::fill(o.begin(), o.begin() + R * D, op_t(0));
@@ -497,7 +504,7 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
         const int64_t i0 = qb * nq, n = std::min(nq, T - i0), R = G * n;
         for (int64_t g = 0; g < G; ++g) {
           const int64_t row0 = (b * d.Hq + h * G + g) * T + i0;
-          convert(Q + row0 * D, qs.data() + g * n * D, n * D, sc);
+          convert_scaled(Q + row0 * D, qs.data() + g * n * D, n * D, sc);
           convert(GO + row0 * D, gob.data() + g * n * D, n * D);
           for (int64_t r = 0; r < n; ++r) {
             const op_t* go = gob.data() + (g * n + r) * D;
