@@ -263,6 +263,11 @@ def upcast_for_interpreter(device: torch.device, dtype: torch.dtype) -> torch.dt
     return torch.float32 if dtype == torch.bfloat16 and interpreting(device) else None
 
 
+def _contiguous(*tensors):
+    """The kernels index rows with the logical sizes: every operand must be contiguous."""
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
 def _pow2_in(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
@@ -325,6 +330,7 @@ def gemm(a, b, *, b_trans, a_scale=None, act=None, a_act=False, bias=None, store
 
     act: activation name (for a_act, the A prologue, or aux_op=1, act'(aux) in the epilogue).
     Returns (c or None, pre or None, column sums (fp32 [Q]) or None)."""
+    a, b, a_scale, bias, c_scale, aux = _contiguous(a, b, a_scale, bias, c_scale, aux)
     M, KR = a.shape
     Q = b.shape[0] if b_trans else b.shape[1]
     device, dtype = a.device, a.dtype
@@ -359,6 +365,7 @@ def gemm_tn(a, b, *, act=None, b_act=False, alpha=1.0, row_scale=None, col_scale
     w [P, Q]: also return rowsum(G * w) (G = a^T act(b), unscaled); asum: also return the
     column sums of a. Returns (c [P, Q] in a's dtype or None, dotw fp32 [P] or None,
     asum fp32 [P] or None). splits forces the number of row splits (tests)."""
+    a, b, row_scale, col_scale, w = _contiguous(a, b, row_scale, col_scale, w)
     M, P = a.shape
     Q = b.shape[1]
     device, dtype = a.device, a.dtype
@@ -397,7 +404,8 @@ def gemm_tn(a, b, *, act=None, b_act=False, alpha=1.0, row_scale=None, col_scale
 
 
 def colsum(a, b=None, splits=None):
-    """sum_rows(a) (or sum_rows(a * b)) in fp32, [Q]; a, b [M, Q] contiguous."""
+    """sum_rows(a) (or sum_rows(a * b)) in fp32, [Q]; a, b [M, Q]."""
+    a, b = _contiguous(a, b)
     M, Q = a.shape
     device = a.device
     if M == 0 or Q == 0:
