@@ -285,9 +285,10 @@ def _gemm_config(device, dtype, M, Q, KR) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=_pow2_in(Q, 16, 64), BLOCK_K=_pow2_in(KR, 16, 64),
                     GROUP_M=8, num_warps=4, num_stages=1)
     elsize = dtype.itemsize
-    _, smem = _props(device)
-    bm = 64 if M <= 64 else 128
+    sms, smem = _props(device)
     bn = _pow2_in(Q, 16, 128)
+    # 128-row tiles unless that leaves SMs idle (e.g. a thin [M, bottleneck] output)
+    bm = 128 if triton.cdiv(M, 128) * triton.cdiv(Q, bn) >= sms else 64
     bk = _pow2_in(KR, 16, 64 if elsize <= 2 else 32)
     stage = (bm + bn) * bk * elsize
     num_stages = max(2, min(4, (smem - 16 * 1024) // stage))
