@@ -34,7 +34,7 @@ def make_inputs(M, D, R, dtype, bias=True, residual=False, seed=0, device="cpu",
     def rnd(*shape, s=1.0):
         return (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
 
-    h, wd, wu = rnd(M, D), rnd(R, D, s=z_spread * D**-0.5), rnd(D, R, s=R**-0.5)
+    h, wd, wu = rnd(M, D), rnd(R, D, s=z_spread * max(D, 1)**-0.5), rnd(D, R, s=max(R, 1)**-0.5)
     bd, bu = (rnd(R), rnd(D)) if bias else (None, None)
     res = rnd(M, D) if residual else None
     return h, wd, bd, wu, bu, res, rnd(M, D)
@@ -138,6 +138,12 @@ def test_zero_rows():
     for got, shape in zip(grads, [(0, 13), (5, 13), (5,), (13, 5), (13,)]):
         assert tuple(got.shape) == shape
         assert not got.any()
+
+
+@pytest.mark.parametrize("D,R", [(9, 0), (0, 3)])
+def test_empty_hidden_or_bottleneck(D, R):
+    """bottleneck 0 (out = h + scaling * b_up) or hidden 0: empty GEMMs."""
+    check(*make_inputs(5, D, R, torch.float32), "silu")
 
 
 @pytest.mark.parametrize("residual", [False, True])

@@ -29,7 +29,7 @@ def make_inputs(M, K, N, scale_input, dtype, bias=True, seed=0, device="cpu"):
     def rnd(*shape, s=1.0, shift=0.0):
         return (torch.randn(*shape, generator=g) * s + shift).to(device=device, dtype=dtype)
 
-    x, w = rnd(M, K), rnd(N, K, s=K**-0.5)
+    x, w = rnd(M, K), rnd(N, K, s=max(K, 1)**-0.5)
     b = rnd(N) if bias else None
     l = rnd(K if scale_input else N, s=0.5, shift=1.0)
     return x, w, b, l, rnd(M, N)
@@ -122,6 +122,13 @@ def test_zero_rows(scale_input):
     for got, shape in zip(grads, [(0, 13), (11, 13), (11,), l.shape]):
         assert tuple(got.shape) == tuple(shape)
         assert not got.any()
+
+
+@pytest.mark.parametrize("scale_input", [True, False])
+@pytest.mark.parametrize("K,N", [(0, 7), (9, 0)])
+def test_empty_features(scale_input, K, N):
+    """in_features or out_features 0: empty GEMMs (y = b * l for K = 0)."""
+    check(*make_inputs(5, K, N, scale_input, torch.float32), scale_input, True)
 
 
 @pytest.mark.parametrize("bias", [True, False])
