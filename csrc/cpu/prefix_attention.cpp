@@ -623,9 +623,9 @@ Grads5 prefix_attention_backward_cpu(const Tensor& grad_out_in, const Tensor& q_
   return {dq, dk, dv, dpk.to(q.scalar_type()), dpv.to(q.scalar_type())};
 }
 
-TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
-  m.impl("prefix_attention", &prefix_attention_cpu);
-  m.impl("prefix_attention_backward", &prefix_attention_backward_cpu);
-}
-
 }  // namespace fastpeft
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("prefix_attention", &fastpeft::prefix_attention_cpu);
+  m.impl("prefix_attention_backward", &fastpeft::prefix_attention_backward_cpu);
+}
