@@ -301,12 +301,13 @@ def _signatures(dt):
     }
 
 
-@pytest.mark.parametrize("dtype,D,flags_on", [(BF16, 128, True), (torch.float16, 64, False),
-                                              (F32, 80, True)])
-def test_kernels_compile_for_cuda(dtype, D, flags_on):
-    """Compiles the kernels with the tile sizes _configs picks for CUDA to cubins for sm_90
+@pytest.mark.parametrize("arch,dtype,D,flags_on", [
+    (90, BF16, 128, True), (90, torch.float16, 64, False), (90, F32, 80, True),
+    (80, BF16, 96, True), (80, F32, 64, False)])
+def test_kernels_compile_for_cuda(arch, dtype, D, flags_on):
+    """Compiles the kernels with the tile sizes picked for CUDA to cubins for sm_90 / sm_80
     with triton's bundled ptxas (no GPU needed): catches typing errors the interpreter lets
-    through, shared memory over the H100/H200 limit and register spills (cuobjdump).
+    through, shared memory over the A100 limit and register spills (cuobjdump).
     flags_on: HAS_MASK and CAUSAL both on, or both off."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -316,9 +317,9 @@ def test_kernels_compile_for_cuda(dtype, D, flags_on):
         pytest.skip("TRITON_INTERPRET=1: kernels are interpreted")
     dt = {BF16: "*bf16", torch.float16: "*fp16", F32: "*fp32"}[dtype]
     block_d = tpa._block_d(D)
-    cfgs = tpa._configs(torch.device("cuda"), dtype, block_d)
+    cfgs = tpa._compiled_configs(arch // 10, dtype, block_d)
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", arch, 32)
     for name, (kernel, signature, flags) in _signatures(dt).items():
         cfg = dict(cfgs["dkdv" if name == "dkdv_prefix" else name])
         options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
@@ -328,8 +329,8 @@ def test_kernels_compile_for_cuda(dtype, D, flags_on):
         signature = {**signature, **{key: "constexpr" for key in constexprs}}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,
                                   options=options)
-        assert compiled.metadata.shared <= 227 * 1024, (name, compiled.metadata.shared)
-        if dtype != F32:
+        assert compiled.metadata.shared <= 163 * 1024, (name, compiled.metadata.shared)
+        if dtype != F32 and arch == 90:
             assert "wgmma" in compiled.asm["ptx"], f"{name}: no tensor-core MMA"
         if cuobjdump.exists():
             cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"fastpeft_pa_{os.getpid()}.cubin"

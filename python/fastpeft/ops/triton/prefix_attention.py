@@ -382,24 +382,40 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+# Compiled tile sizes: (element size, head-dim class) -> (BLOCK_M, BLOCK_N, num_warps,
+# num_stages) of the forward, dk/dv and dq kernels. Chosen so that every kernel compiles for
+# its architecture without register spills (cuobjdump: STACK 0) in at most ~100 KiB of shared
+# memory (test_kernels_compile_for_cuda); not timed on a GPU yet. fp32 (IEEE dots, no tensor
+# cores) and Ampere (operands in registers) take smaller tiles.
+_SM90_CONFIGS = {
+    (2, 64): ((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
+    (2, 128): ((128, 32, 8, 3), (32, 64, 8, 3), (128, 16, 8, 3)),
+    (2, 256): ((32, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)),
+    (4, 64): ((64, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2)),
+    (4, 128): ((32, 64, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2)),
+    (4, 256): ((32, 16, 8, 2), (16, 16, 8, 2), (32, 16, 8, 2)),
+}
+_SM80_CONFIGS = {
+    (2, 64): ((128, 64, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3)),
+    (2, 128): ((32, 64, 8, 3), (32, 64, 8, 3), (32, 32, 8, 3)),
+    (2, 256): ((32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 8, 2)),
+    (4, 64): ((64, 32, 8, 2), (16, 64, 8, 2), (64, 32, 8, 2)),
+    (4, 128): ((64, 32, 8, 2), (16, 32, 8, 2), (64, 16, 8, 2)),
+    (4, 256): ((32, 16, 8, 2), (16, 16, 8, 2), (32, 16, 8, 2)),
+}
+
+
 def _configs(device: torch.device, dtype: torch.dtype, block_d: int) -> dict:
     """Tile sizes per kernel: {"fwd" | "dkdv" | "dq": dict(BLOCK_M, BLOCK_N, num_warps,
     num_stages)}. BLOCK_M tiles queries, BLOCK_N keys."""
     if _interpreting(device):
         small = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
         return {"fwd": small, "dkdv": small, "dq": small}
-    # Compiled: (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class. Chosen so that
-    # every kernel compiles for sm_90 without register spills (cuobjdump STACK:0) and fits in
-    # shared memory (<= 90 KiB); not timed on a GPU yet. fp32 (IEEE dot, no tensor cores)
-    # takes smaller tiles.
-    table = {
-        (2, 64): ((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
-        (2, 128): ((128, 32, 8, 3), (32, 64, 8, 3), (128, 16, 8, 3)),
-        (2, 256): ((32, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)),
-        (4, 64): ((64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)),
-        (4, 128): ((32, 64, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2)),
-        (4, 256): ((32, 16, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)),
-    }
+    return _compiled_configs(torch.cuda.get_device_capability(device)[0], dtype, block_d)
+
+
+def _compiled_configs(major: int, dtype: torch.dtype, block_d: int) -> dict:
+    table = _SM90_CONFIGS if major >= 9 else _SM80_CONFIGS
     d_class = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
     fwd, dkdv, dq = (dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                      for m, n, w, s in table[(dtype.itemsize, d_class)])
@@ -552,7 +568,8 @@ def prefix_attention_triton_backward_impl(grad_out, q, k, v, prefix_k, prefix_v,
     dpv = torch.empty(prefix_v.shape, device=q.device, dtype=q.dtype)
     if P > 0:
         p_blocks = triton.cdiv(P, cfg["BLOCK_N"])
-        rows_per_split = 1 if Bp == B else _shared_prefix_rows_per_split(B, p_blocks * Hkv, q.device)
+        rows_per_split = (1 if Bp == B
+                          else _shared_prefix_rows_per_split(B, p_blocks * Hkv, q.device))
         splits = triton.cdiv(B, rows_per_split)
         if splits == Bp:  # one split per prefix batch row: write the result directly
             tk, tv = dpk, dpv
