@@ -340,6 +340,11 @@ def test_kernels_compile_for_cuda(arch, dtype, D, flags_on):
             cubin.unlink()
             stack = re.search(r"STACK:(\d+)", usage)
             assert stack and stack.group(1) == "0", f"{name} spills registers: {usage}"
+    constexprs = dict(BLOCK_M=tpa._delta_rows(block_d), BLOCK_D=block_d)
+    signature = dict(out_ptr=dt, do_ptr=dt, delta_ptr="*fp32", ROWS="i32", D="i32",
+                     **{key: "constexpr" for key in constexprs})
+    triton.compile(ASTSource(tpa._bwd_delta_kernel, signature, constexprs), target=target,
+                   options=dict(num_warps=4, num_stages=1))
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,16 +10,17 @@ walk the prefix from one base pointer (batch stride 0 when Bp = 1) and then the 
 another.
 
 Kernels
-- _fwd_kernel:         per (query block, b, h): online softmax over the prefix blocks, then
+- _fwd_kernel:         per (b, h, query block): online softmax over the prefix blocks, then
                        over the sequence blocks (causal: only up to the diagonal block); writes
                        out and lse.
 - _bwd_delta_kernel:   delta = rowsum(dO * O) (fp32).
-- _bwd_dkdv_seq_kernel:    per (sequence key block, b, kv head): dk, dv accumulated over the
+- _bwd_dkdv_seq_kernel:    per (b, kv head, sequence key block): dk, dv accumulated over the
                        group's query heads and the query blocks at or below the diagonal.
 - _bwd_dkdv_prefix_kernel: per (prefix key block, kv head, batch split): the same over every
                        query of the split's batch rows (Bp = 1: several rows per program, fp32
                        partials per split summed on the host when there are several splits).
-- _bwd_dq_kernel:      per (query block, b, h): dq over the prefix blocks then the sequence.
+- _bwd_dq_kernel:      per (b, h, query block): dq over the prefix blocks, then the sequence.
+The forward and dq kernels take causal query blocks longest first (the last ones).
 Scores use exp2 with scale * log2(e) folded into one factor; lse is stored in natural log.
 
 CPU tensors run the kernels under the Triton interpreter (tests), CUDA tensors run them
@@ -45,8 +46,7 @@ __all__ = [
     "register",
 ]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # the kernels spell it (and ln 2) out: globals are not constexpr
 
 
 # ----------------------------------------------------------------------------------------
@@ -422,6 +422,11 @@ def _compiled_configs(major: int, dtype: torch.dtype, block_d: int) -> dict:
     return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
 
 
+def _delta_rows(block_d: int) -> int:
+    """Rows per program of the compiled delta kernel (8192 elements of each operand)."""
+    return max(1, 8192 // block_d)
+
+
 def _shared_prefix_rows_per_split(B: int, programs: int, device: torch.device) -> int:
     """Batch rows per program of the shared-prefix (Bp = 1) dk/dv kernel: all of them in one
     program under the interpreter; compiled, enough splits (fp32 partials, summed on the host)
@@ -537,13 +542,12 @@ def prefix_attention_triton_backward_impl(grad_out, q, k, v, prefix_k, prefix_v,
            and tuple(lse.shape) == (B, Hq, T),
            f"lse must be torch.float32 [{B}, {Hq}, {T}] on {q.device}, got {lse.dtype} "
            f"{tuple(lse.shape)} on {lse.device}")
+    if B * Hq * T * D == 0:  # no query (or no feature): every gradient is zero
+        return tuple(torch.zeros(t.shape, device=q.device, dtype=q.dtype)
+                     for t in (q, k, v, prefix_k, prefix_v))
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=q.device, dtype=q.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=q.dtype)
-    if B * Hq * T * D == 0:  # no query (or no feature): every gradient is zero
-        zeros = [torch.zeros(t.shape, device=q.device, dtype=q.dtype)
-                 for t in (q, k, v, prefix_k, prefix_v)]
-        return tuple(zeros)
     q, k, v, prefix_k, prefix_v, mask, bstride, qk_scale, common = _prepare(
         q, k, v, prefix_k, prefix_v, attn_mask, scale)
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
@@ -553,7 +557,7 @@ def prefix_attention_triton_backward_impl(grad_out, q, k, v, prefix_k, prefix_v,
 
     delta = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
     rows = B * Hq * T
-    block = 16 if _interpreting(q.device) else max(1, 8192 // common["BLOCK_D"])
+    block = 16 if _interpreting(q.device) else _delta_rows(common["BLOCK_D"])
     _launch_kernel(_bwd_delta_kernel, (triton.cdiv(rows, block),), q,
                    out, grad_out, delta, rows, D, BLOCK_M=block, BLOCK_D=common["BLOCK_D"])
 
