@@ -253,6 +253,31 @@ def test_opcheck():
                           (go, *(t.detach() for t in args), mask, out, lse, False, 0.3))
 
 
+def test_interpreter_leaves_triton_unpatched():
+    """The kernels call @triton.jit device functions; interpreting them in-process must restore
+    triton.language and JITFunction.__call__ (later CUDA compilation depends on them)."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(tpa._fwd_kernel, InterpretedFunction):
+        pytest.skip("TRITON_INTERPRET=1: triton's own interpreter mode, nothing compiles")
+
+    def snapshot():
+        return {(id(mod), k): v for mod in (tl, tl.core, tl.math, tl.standard)
+                for k, v in vars(mod).items()} | {("tensor", k): v for k, v in
+                                                  vars(tl.tensor).items()}
+
+    before = snapshot()
+    call = JITFunction.__dict__["__call__"]
+    run_triton(make_inputs(1, 2, 1, 5, 2, 16, 1, "pad", F32), True, 0.3)
+    after = snapshot()
+    changed = [k for k in before if k[1] != "__builtins__" and before[k] is not after.get(k)]
+    assert not changed, changed[:10]
+    assert JITFunction.__dict__["__call__"] is call
+
+
 def test_triton_interpret_env_subprocess():
     """Triton's own interpreter mode: TRITON_INTERPRET=1 before triton is imported."""
     script = textwrap.dedent(f"""
