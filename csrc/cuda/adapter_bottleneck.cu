@@ -143,9 +143,10 @@ Grads5 adapter_bottleneck_backward_cuda(const Tensor& grad_out_in, const Tensor&
              need_wu = output_mask[3], need_bu = output_mask[4];
   const auto acc_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto stream = at::cuda::getCurrentCUDAStream();
-  const Tensor none = h.new_empty({0});
-  Tensor grad_h = none, grad_w_down = none, grad_b_down = none, grad_w_up = none,
-         grad_b_up = none;
+  // Outputs not asked for are 1-D empty tensors, each its own (outputs must not alias).
+  auto none = [&] { return h.new_empty({0}); };
+  Tensor grad_h = none(), grad_w_down = none(), grad_b_down = none(), grad_w_up = none(),
+         grad_b_up = none();
 
   const bool need_gz = need_h || need_wd || need_bd;
   Tensor a;   // act(z) [M, R], only for grad_w_up

@@ -115,8 +115,9 @@ Grads4 ia3_linear_backward_cuda(const Tensor& grad_out_in, const Tensor& x_in,
   const bool has_unscaled = ia3_has_unscaled(unscaled_in);
   const Tensor x = x_in.dim() == 2 ? x_in.contiguous() : x_in;  // 1-D empty when not kept
   const Tensor unscaled = has_unscaled ? unscaled_in.contiguous() : unscaled_in;
-  const Tensor none = g.new_empty({0});
-  Tensor grad_x = none, grad_weight = none, grad_bias = none, grad_scale = none;
+  // Outputs not asked for are 1-D empty tensors, each its own (outputs must not alias).
+  auto none = [&] { return g.new_empty({0}); };
+  Tensor grad_x = none(), grad_weight = none(), grad_bias = none(), grad_scale = none();
 
   if (scale_input) {
     if (need_x || need_l) {
