@@ -153,12 +153,12 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   const float l1 = use1 ? p1.lse[b * p1.l_sb + h * p1.l_sh + t] : -kInf;
   const float l2 = use2 ? p2.lse[b * p2.l_sb + h * p2.l_sh + t] : -kInf;
   scalar_t* orow = out + row * D;
-  if (!use1 && !use2) {  // no visible key
+  const float m = fmaxf(l1, l2);
+  if ((!use1 && !use2) || m == -kInf) {  // no visible key
     for (int64_t d = lane; d < D; d += 32) orow[d] = static_cast<scalar_t>(0.f);
     if (lane == 0) lse[row] = kInf;
     return;
   }
-  const float m = fmaxf(l1, l2);
   const float total = m + logf(expf(l1 - m) + expf(l2 - m));
   const float w1 = use1 ? expf(l1 - total) : 0.f;
   const float w2 = use2 ? expf(l2 - total) : 0.f;
