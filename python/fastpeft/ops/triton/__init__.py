@@ -1,6 +1,8 @@
-"""Triton kernels of fastpeft (lora_linear). Nothing here imports triton at package import
-time; call register() (after fastpeft._C is loaded) to install the Triton implementations
-of fastpeft::lora_linear_triton / lora_linear_triton_backward for CPU (interpreter) and CUDA.
+"""Triton kernels of fastpeft, one module per op (lora_linear, ia3_linear, adapter_bottleneck,
+prefix_attention; gemm.py holds the fused GEMM kernels the linear ops share). Nothing here
+imports triton at package import time; each module's register() (called by the "triton"
+backend, after fastpeft._C is loaded) installs the Triton implementations of
+fastpeft::<op>_triton / <op>_triton_backward for CPU (interpreter) and CUDA.
 """
 
 
@@ -13,11 +15,15 @@ def available() -> bool:
     return True
 
 
-def register() -> None:
-    """Register the Triton host functions as the kernels of the fastpeft::*_triton ops."""
-    from fastpeft.ops.triton.lora_linear import register as _register
+OPS = ("lora_linear", "ia3_linear", "adapter_bottleneck", "prefix_attention")
 
-    _register()
+
+def register() -> None:
+    """Register the Triton host functions as the kernels of every fastpeft::*_triton op."""
+    import importlib
+
+    for op in OPS:
+        importlib.import_module(f"fastpeft.ops.triton.{op}").register()
 
 
 __all__ = ["available", "register"]
