@@ -84,14 +84,15 @@ def prefix_attention(
     positions get finite values (they still see the prefix).
     """
     attn_mask = _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
     op = _dispatch.kernel("prefix_attention", q.device, _eager)
     if op is None:
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale)
     out, _ = op(
         q.contiguous(), k.contiguous(), v.contiguous(), prefix_k.contiguous(),
         prefix_v.contiguous(), None if attn_mask is None else attn_mask.contiguous(),
-        causal, scale,
+        causal, float(scale),
     )
     return out
 
