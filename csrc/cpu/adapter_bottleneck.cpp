@@ -135,6 +135,9 @@ std::tuple<Tensor, Tensor> adapter_bottleneck_cpu(const Tensor& h_in, const Tens
                                                   c10::string_view activation, double scaling,
                                                   const std::optional<Tensor>& residual_in) {
   check_adapter_bottleneck_args(h_in, w_down_in, b_down_in, w_up_in, b_up_in, residual_in);
+  // The ATen calls below are the kernel's own work: no autograd recording (the backward op is
+  // called with grad mode on under create_graph, and out= calls refuse inputs needing grad).
+  at::AutoDispatchBelowADInplaceOrView guard;
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   TORCH_CHECK(h_in.device().is_cpu(), "fastpeft: adapter_bottleneck_cpu needs CPU tensors, got h on ",
               h_in.device());
@@ -155,6 +158,9 @@ Grads5 adapter_bottleneck_backward_cpu(const Tensor& grad_out_in, const Tensor& 
                                        double scaling, bool residual_is_h,
                                        std::array<bool, 5> output_mask) {
   check_adapter_bottleneck_backward_args(grad_out_in, h_in, w_down_in, w_up_in, z_in);
+  // The ATen calls below are the kernel's own work: no autograd recording (the backward op is
+  // called with grad mode on under create_graph, and out= calls refuse inputs needing grad).
+  at::AutoDispatchBelowADInplaceOrView guard;
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   TORCH_CHECK(h_in.device().is_cpu(),
               "fastpeft: adapter_bottleneck_backward_cpu needs CPU tensors, got h on ",

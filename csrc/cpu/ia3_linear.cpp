@@ -250,6 +250,9 @@ std::tuple<Tensor, Tensor> ia3_linear_cpu(const Tensor& x_in, const Tensor& weig
                                           const Tensor& scale_in, bool scale_input,
                                           bool keep_unscaled) {
   check_ia3_linear_args(x_in, weight_in, bias_in, scale_in, scale_input);
+  // The ATen calls below are the kernel's own work: no autograd recording (the backward op is
+  // called with grad mode on under create_graph, and out= calls refuse inputs needing grad).
+  at::AutoDispatchBelowADInplaceOrView guard;
   TORCH_CHECK(x_in.device().is_cpu(), "fastpeft: ia3_linear_cpu needs CPU tensors, got x on ",
               x_in.device());
   const Tensor x = x_in.contiguous();
@@ -271,6 +274,9 @@ Grads4 ia3_linear_backward_cpu(const Tensor& grad_out_in, const Tensor& x_in,
   const bool has_unscaled = ia3_has_unscaled(unscaled_in);
   check_ia3_linear_backward_args(grad_out_in, x_in, weight_in, scale_in, unscaled_in,
                                  scale_input, output_mask[1], output_mask[3]);
+  // The ATen calls below are the kernel's own work: no autograd recording (the backward op is
+  // called with grad mode on under create_graph, and out= calls refuse inputs needing grad).
+  at::AutoDispatchBelowADInplaceOrView guard;
   TORCH_CHECK(grad_out_in.device().is_cpu(),
               "fastpeft: ia3_linear_backward_cpu needs CPU tensors, got grad_out on ",
               grad_out_in.device());
