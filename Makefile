@@ -37,7 +37,7 @@ demo: setup
 	$(VENV)/bin/fastpeft demo
 
 bench: setup
-	$(PY) bench/bench_lora_linear.py
+	$(VENV)/bin/fastpeft bench
 
 lint: setup
 	$(PY) -m ruff check python tests bench || true
@@ -53,7 +53,9 @@ gpu-check:
 	python3 setup.py -q build_ext --inplace 2>&1 | tee $(OUT)/build.log && \
 	python3 -c "import fastpeft, json; print(json.dumps(fastpeft.build_info()))" | tee $(OUT)/build_info.json && \
 	{ python3 -m pytest -q tests -k "cuda or triton or build" 2>&1 | tee $(OUT)/tests.log; \
-	  python3 bench/bench_lora_linear.py --device cuda --out $(OUT) 2>&1 | tee $(OUT)/bench.log; }
+	  for op in lora_linear prefix_attention ia3_linear adapter_bottleneck; do \
+	    python3 bench/bench_$$op.py --device cuda --out $(OUT) 2>&1 | tee $(OUT)/bench_$$op.log; \
+	  done; }
 
 clean:
 	rm -rf build python/fastpeft/_C*.so

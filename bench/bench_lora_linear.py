@@ -1,31 +1,23 @@
 """fastpeft lora_linear vs Hugging Face peft's LoRA layer vs the frozen base nn.Linear.
 
 Forward+backward of one layer whose input needs a gradient (a layer inside a network): the base
-computes x W^T and grad_out W; LoRA adds the rank-r branch and its A / B gradients. Each
-provider is timed in interleaved rounds (the order shuffled every round) and the medians are
-compared as ratios measured in the same run. Memory: "saved" is the bytes autograd keeps for
-the backward (unique storages, the weights excluded), the activation memory that grows with
-every layer in training; torch keeps no allocator statistics on the CPU, so that is the CPU
-memory column. On CUDA the peak allocated memory of one step is reported too.
+computes x W^T and grad_out W; LoRA adds the rank-r branch and its A / B gradients. Timing and
+memory columns as described in bench/_common.py; on CUDA the peak allocated memory of one step
+is reported too.
 
     python bench/bench_lora_linear.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
 import argparse
-import json
-import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import fastpeft
+from _common import measure, write_results
 from fastpeft.ops import lora_linear, use_backend
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CPU_SHAPES = [(1024, 576, 576), (1024, 576, 1536), (1024, 1536, 576), (4096, 2048, 2048)]
 CUDA_SHAPES = [(8192, 4096, 4096), (8192, 4096, 11008)]
 RANK, ALPHA = 16, 32
@@ -66,57 +58,6 @@ def make_providers(m, k, n, p, device, dtype, with_triton):
     return providers, params, grad, weights
 
 
-def step(fn, params, grad):
-    for t in params:
-        t.grad = None
-    fn().backward(grad)
-
-
-def saved_bytes(fn, params, grad, weights) -> int:
-    """Bytes autograd saves for the backward: unique storages, the layer's weights excluded."""
-    weight_storages = {w.untyped_storage().data_ptr() for w in weights}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weight_storages:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn()
-    y.backward(grad)
-    return sum(storages.values())
-
-
-def measure(providers, params, grad, weights, device, rounds, inner):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {name: [] for name in providers}
-    for fn in providers.values():  # warm-up
-        for _ in range(2):
-            step(fn, params, grad)
-    names = list(providers)
-    for _ in range(rounds):
-        random.shuffle(names)
-        for name in names:
-            sync()
-            start = time.perf_counter()
-            for _ in range(inner):
-                step(providers[name], params, grad)
-            sync()
-            times[name].append((time.perf_counter() - start) / inner * 1e3)
-    result = {name: {"median_ms": statistics.median(v), "runs_ms": v} for name, v in times.items()}
-    for name, fn in providers.items():
-        result[name]["saved_mb"] = saved_bytes(fn, params, grad, weights) / 2**20
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base_mem = torch.cuda.memory_allocated()
-            step(fn, params, grad)
-            sync()
-            result[name]["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-    return result
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -155,30 +96,26 @@ def main(argv=None) -> int:
                   f"fastpeft {row['fastpeft_speedup_vs_peft']:.2f}x faster than peft | saved MB "
                   f"base {res['base']['saved_mb']:.1f} peft {res['peft']['saved_mb']:.1f} "
                   f"fastpeft {res['fastpeft']['saved_mb']:.1f}", flush=True)
-    meta = {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "rounds": rounds, "build": fastpeft.build_info(), "quick": args.quick}
-    out_dir = args.out or RESULTS
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"lora_linear_{device}" + ("_quick" if args.quick else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# lora_linear forward+backward, {device}, {dtype}, {meta['threads']} threads, "
-             f"medians of {rounds} interleaved rounds", "",
-             "| M | in -> out | r | dropout | fastpeft / base | peft / base | fastpeft speed-up vs peft "
-             "| saved MB base / peft / fastpeft |"
-             + (" triton / base | peak MB base / peft / fastpeft |" if with_triton else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if with_triton else "")]
+    header = ["M", "in -> out", "r", "dropout", "fastpeft / base", "peft / base",
+              "fastpeft speed-up vs peft", "saved MB base / peft / fastpeft"]
+    if with_triton:
+        header += ["triton / base", "peak MB base / peft / fastpeft"]
+    table = []
     for row in rows:
         res = row["results"]
-        lines.append(
-            f"| {row['M']} | {row['in']} -> {row['out']} | {row['r']} | {row['dropout']} | "
-            f"{row['fastpeft_vs_base']:.3f} | {row['peft_vs_base']:.3f} | "
-            f"{row['fastpeft_speedup_vs_peft']:.2f}x | {res['base']['saved_mb']:.1f} / "
-            f"{res['peft']['saved_mb']:.1f} / {res['fastpeft']['saved_mb']:.1f} |"
-            + (f" {row['triton_vs_base']:.3f} | {res['base']['peak_extra_mb']:.0f} / "
-               f"{res['peft']['peak_extra_mb']:.0f} / {res['fastpeft']['peak_extra_mb']:.0f} |"
-               if with_triton else ""))
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        cells = [row["M"], f"{row['in']} -> {row['out']}", row["r"], row["dropout"],
+                 f"{row['fastpeft_vs_base']:.3f}", f"{row['peft_vs_base']:.3f}",
+                 f"{row['fastpeft_speedup_vs_peft']:.2f}x",
+                 f"{res['base']['saved_mb']:.1f} / {res['peft']['saved_mb']:.1f} / "
+                 f"{res['fastpeft']['saved_mb']:.1f}"]
+        if with_triton:
+            cells += [f"{row['triton_vs_base']:.3f}",
+                      f"{res['base']['peak_extra_mb']:.0f} / {res['peft']['peak_extra_mb']:.0f} / "
+                      f"{res['fastpeft']['peak_extra_mb']:.0f}"]
+        table.append(cells)
+    text = write_results("lora_linear", device, args.quick, rounds, rows, header, table, args.out,
+                         note=f"dtype {dtype}")
+    print(text)
     return 0
 
 

@@ -24,9 +24,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+OP_BENCHMARKS = ("bench_lora_linear.py", "bench_ia3_linear.py", "bench_adapter_bottleneck.py",
+                 "bench_prefix_attention.py")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    extra = ["--quick"] if args.quick else []
-    return _run_bench("bench_lora_linear.py", extra + ["--device", args.device])
+    extra = (["--quick"] if args.quick else []) + ["--device", args.device]
+    scripts = [f"bench_{args.op}.py"] if args.op else OP_BENCHMARKS
+    status = 0
+    for script in scripts:
+        status = _run_bench(script, extra) or status
+    return status
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -44,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--suite", choices=["ops"], default="ops")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    bench.add_argument("--op", choices=[s[6:-3] for s in OP_BENCHMARKS], default=None,
+                       help="one op's benchmark (default: all)")
     bench.set_defaults(func=cmd_bench)
     sub.add_parser("demo", help="the main job on the embedded default model").set_defaults(
         func=cmd_demo

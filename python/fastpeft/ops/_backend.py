@@ -8,9 +8,12 @@ import torch
 BACKENDS = ("auto", "reference", "triton")
 
 # "auto" on CUDA: the implementation to use per op, "cuda" (C++) or "triton", whichever
-# bench/bench_<op>.py --device cuda (`make gpu-check`) measures faster. lora_linear has not
-# been timed on a GPU yet: the CUDA C++ path (cuBLAS GEMMs) is the default until it is.
-CUDA_AUTO_CHOICE = {"lora_linear": "cuda"}
+# bench/bench_<op>.py --device cuda (`make gpu-check`) measures faster. None has been timed on a
+# GPU yet. Until then: the cuBLAS-based C++ paths for the GEMM ops, and for prefix_attention
+# the Triton flash kernel (its designed CUDA path: it walks prefix and keys from two pointers,
+# GQA without expanding heads; the C++ path merges two ATen attention calls by log-sum-exp).
+CUDA_AUTO_CHOICE = {"lora_linear": "cuda", "lora_linear_multi": "cuda", "ia3_linear": "cuda",
+                    "adapter_bottleneck": "cuda", "prefix_attention": "triton"}
 
 _current = "auto"
 

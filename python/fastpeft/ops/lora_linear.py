@@ -1,14 +1,10 @@
 """lora_linear: x W^T + b + scaling * (dropout(x) A^T) B^T, fused, with the dropout mask
 regenerated in the backward from a seed instead of stored."""
 
-import os
-
 import torch
 
 from fastpeft import _ext
-from fastpeft.ops import _backend, _validate, reference
-
-_OPS = ("fastpeft::lora_linear", "fastpeft::lora_linear_triton")
+from fastpeft.ops import _dispatch, _validate, reference
 
 
 def _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p) -> None:
@@ -62,26 +58,11 @@ def lora_linear(
     _check_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed() if p > 0.0 else torch.zeros(1, dtype=torch.int64)
-    impl = _backend.implementation("lora_linear", x.device)
-    if impl == "reference":
+    op = _dispatch.kernel("lora_linear", x.device, _eager)
+    if op is None:
         return reference.lora_linear(
             x, weight, bias, lora_a, lora_b, float(scaling), p, True, int(seed.item())
         )
-    _ext.require_extension()
-    if impl == "triton":
-        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
-                f"got x on {x.device}"
-            )
-        from fastpeft.ops.triton import lora_linear as triton_lora_linear
-
-        triton_lora_linear.register()
-        op = torch.ops.fastpeft.lora_linear_triton
-    elif torch.compiler.is_compiling():
-        op = torch.ops.fastpeft.lora_linear.default
-    else:
-        op = _EagerLoraLinear.apply
     lead = x.shape[:-1]
     y, _ = op(
         x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), bias,
@@ -128,38 +109,7 @@ def _make_backward(backward_op):
     return backward
 
 
-class _EagerLoraLinear(torch.autograd.Function):
-    """fastpeft::lora_linear with the autograd formula registered for it below, applied
-    directly in eager mode: the same forward, saved tensors and backward op, without
-    torch.library's Python autograd layer (~70 us of Python per forward+backward).
-    torch.compile traces the op itself."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = torch.ops.fastpeft.lora_linear.default(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_t):
-        return _cpp_backward(ctx, grad_y, grad_t)
-
-
-def _register() -> None:
-    global _cpp_backward
-    _cpp_backward = _make_backward(torch.ops.fastpeft.lora_linear_backward.default)
-    for name in _OPS:
-        torch.library.register_fake(name)(_fake_forward)
-        torch.library.register_fake(name + "_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastpeft::lora_linear", _cpp_backward, setup_context=_setup_context
-    )
-    torch.library.register_autograd(
-        "fastpeft::lora_linear_triton",
-        _make_backward(torch.ops.fastpeft.lora_linear_triton_backward),
-        setup_context=_setup_context,
-    )
-
-
 if _ext.extension_loaded():
-    _register()
+    _eager = _dispatch.register(
+        "lora_linear", _fake_forward, _fake_backward, _setup_context, _make_backward
+    )

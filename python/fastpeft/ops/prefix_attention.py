@@ -19,9 +19,10 @@ def _check_args(q, k, v, prefix_k, prefix_v, attn_mask, causal, scale) -> torch.
         _validate.check_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D {layouts[name]}, got shape {tuple(t.shape)}")
-        if name != "q":
+        if name == "q":
+            _validate.check_float_dtype(q, "q")
+        else:
             _validate.check_like(name, t, q, "q")
-    _validate.check_float_dtype(q, "q")
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
