@@ -17,16 +17,120 @@
 #include <torch/library.h>
 
 #include "common/ia3_linear_checks.h"
-#include "cpu/row_reduce.h"
 #include "ops.h"
 
 namespace fastpeft {
 namespace {
 
-using cpu::opmath_vector;
-using cpu::parallel_column_sums;
-using cpu::pass_grain;
-using cpu::vector_to_tensor;
+// Rows per parallel chunk of a pass over [M, width]: enough work (~16K elements) per task
+// for the threads to pay off, so small M runs on one thread.
+inline int64_t pass_grain(int64_t width) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
+}
+
+// A pass over rows [0, M) in parallel whose results are column sums: body(m0, m1, acc) runs
+// rows [m0, m1) and adds into acc [width] (the calling thread's partial, zeroed before its
+// first chunk). Returns the sum of the threads' partials. Each thread reads its own rows
+// once, whatever else body does with them (e.g. writes a gradient in the same pass).
+template <typename op_t, typename Body>
+std::vector<op_t> parallel_column_sums(int64_t M, int64_t width, int64_t grain,
+                                       const Body& body) {
+  const int64_t nthreads = std::max<int64_t>(at::get_num_threads(), 1);
+  std::vector<op_t> parts(static_cast<size_t>(nthreads * width), op_t(0));
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
+    body(m0, m1, parts.data() + tid * width);
+  });
+  for (int64_t t = 1; t < nthreads; ++t) {
+    const op_t* p = parts.data() + t * width;
+    for (int64_t i = 0; i < width; ++i) parts[i] += p[i];
+  }
+  parts.resize(static_cast<size_t>(width));
+  return parts;
+}
+
+// A contiguous tensor's values in the accumulation type op_t (a copy).
+template <typename op_t, typename scalar_t>
+std::vector<op_t> opmath_vector(const at::Tensor& t) {
+  const scalar_t* p = t.data_ptr<scalar_t>();
+  std::vector<op_t> v(static_cast<size_t>(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) v[i] = static_cast<op_t>(p[i]);
+  return v;
+}
+
+// A 1-D tensor of `dtype` holding v.
+template <typename op_t>
+at::Tensor vector_to_tensor(const std::vector<op_t>& v, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({static_cast<int64_t>(v.size())}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "vector_to_tensor", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) o[i] = static_cast<scalar_t>(v[i]);
+  });
+  return out;
+}
+
+// The row loops of the passes, vectorised: fp32 / fp64 get clones for x86-64-v4 (AVX-512),
+// AVX2 and the baseline (the extension is built for the baseline ISA), bf16 the generic loop.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
+#define FASTPEFT_IA3_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define FASTPEFT_IA3_CLONES
+#endif
+
+// d[i] = s[i] * (l ? l[i] : f)  (d may be s).
+template <typename T, typename op_t>
+inline void scale_row_body(const T* s, T* d, const op_t* l, op_t f, int64_t n) {
+  if (l != nullptr) {
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<T>(static_cast<op_t>(s[i]) * l[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<T>(static_cast<op_t>(s[i]) * f);
+  }
+}
+// acc[i] += x[i] * g[i]; and g[i] *= l[i] when l (scale_input's grad_scale / grad_x pass).
+template <typename T, typename op_t>
+inline void grad_row_body(T* g, const T* x, const op_t* l, op_t* acc, int64_t n) {
+  if (l != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const op_t v = static_cast<op_t>(g[i]);
+      acc[i] += static_cast<op_t>(x[i]) * v;
+      g[i] = static_cast<T>(v * l[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<op_t>(x[i]) * static_cast<op_t>(g[i]);
+  }
+}
+// prod[i] += g[i] * u[i] (when prod) and sum[i] += g[i] (when sum).
+template <typename T, typename op_t>
+inline void sums_row_body(const T* g, const T* u, op_t* prod, op_t* sum, int64_t n) {
+  if (prod != nullptr)
+    for (int64_t i = 0; i < n; ++i) prod[i] += static_cast<op_t>(g[i]) * static_cast<op_t>(u[i]);
+  if (sum != nullptr)
+    for (int64_t i = 0; i < n; ++i) sum[i] += static_cast<op_t>(g[i]);
+}
+
+#define FASTPEFT_IA3_ROW_KERNELS(T, op_t)                                                      \
+  FASTPEFT_IA3_CLONES void scale_row(const T* s, T* d, const op_t* l, op_t f, int64_t n) {     \
+    scale_row_body<T, op_t>(s, d, l, f, n);                                                    \
+  }                                                                                            \
+  FASTPEFT_IA3_CLONES void grad_row(T* g, const T* x, const op_t* l, op_t* acc, int64_t n) {   \
+    grad_row_body<T, op_t>(g, x, l, acc, n);                                                   \
+  }                                                                                            \
+  FASTPEFT_IA3_CLONES void sums_row(const T* g, const T* u, op_t* prod, op_t* sum, int64_t n) { \
+    sums_row_body<T, op_t>(g, u, prod, sum, n);                                                \
+  }
+FASTPEFT_IA3_ROW_KERNELS(float, float)
+FASTPEFT_IA3_ROW_KERNELS(double, double)
+#undef FASTPEFT_IA3_ROW_KERNELS
+void scale_row(const at::BFloat16* s, at::BFloat16* d, const float* l, float f, int64_t n) {
+  scale_row_body<at::BFloat16, float>(s, d, l, f, n);
+}
+void grad_row(at::BFloat16* g, const at::BFloat16* x, const float* l, float* acc, int64_t n) {
+  grad_row_body<at::BFloat16, float>(g, x, l, acc, n);
+}
+void sums_row(const at::BFloat16* g, const at::BFloat16* u, float* prod, float* sum, int64_t n) {
+  sums_row_body<at::BFloat16, float>(g, u, prod, sum, n);
+}
+
 
 // Up to this many elements a scaled copy of a few rows of x (or grad_out) is a small buffer
 // (256 KB in fp32), cheaper than scaling all of W when M is this small.
@@ -44,22 +148,30 @@ void scale_matrix(const Tensor& src, const op_t* l, bool by_col, Tensor& dst) {
   const scalar_t* S = src.data_ptr<scalar_t>();
   scalar_t* D = dst.data_ptr<scalar_t>();
   at::parallel_for(0, rows, pass_grain(cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* s = S + r * cols;
-      scalar_t* d = D + r * cols;
-      if (by_col) {
-        for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<scalar_t>(static_cast<op_t>(s[c]) * l[c]);
-      } else {
-        const op_t f = l[r];
-        for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<scalar_t>(static_cast<op_t>(s[c]) * f);
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      scale_row(S + r * cols, D + r * cols, by_col ? l : nullptr, by_col ? op_t(0) : l[r], cols);
   });
 }
 
+// An uninitialised tensor shaped like `like`, in a buffer this thread reuses across calls: a
+// fresh multi-MB allocation page-faults on every call (~0.1 ms per MB here, as much as the
+// pass that fills it). Valid until this thread's next call; above kMaxCachedBytes (which
+// the cache may then keep for good) a plain allocation.
+Tensor transient_like(const Tensor& like) {
+  constexpr int64_t kMaxCachedBytes = int64_t(32) << 20;
+  const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
+  if (bytes > kMaxCachedBytes) return at::empty_like(like);
+  thread_local Tensor cache;
+  if (!cache.defined() || cache.numel() < bytes)
+    cache = at::empty({bytes}, like.options().dtype(at::kByte));
+  return cache.narrow(0, 0, bytes).view(like.scalar_type()).view(like.sizes());
+}
+
+// src scaled by l (see scale_matrix) into a transient buffer (an operand of the next GEMM
+// only, never an output).
 template <typename scalar_t, typename op_t>
 Tensor scaled(const Tensor& src, const op_t* l, bool by_col) {
-  Tensor dst = at::empty_like(src);
+  Tensor dst = transient_like(src);
   scale_matrix<scalar_t, op_t>(src, l, by_col, dst);
   return dst;
 }
@@ -83,7 +195,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& weight,
   } else if (keep_unscaled) {
     // unscaled = x W^T + b (kept for grad_scale); y = unscaled * l[None, :].
     unscaled = affine(x, weight, bias);
-    y = scaled<scalar_t>(unscaled, l.data(), /*by_col=*/true);
+    y = at::empty_like(unscaled);
+    scale_matrix<scalar_t, op_t>(unscaled, l.data(), /*by_col=*/true, y);
   } else if (M > K) {
     // y = x (l[:, None] * W)^T + l * b: scaling W (N x K) is cheaper than scaling y (M x N).
     std::optional<Tensor> bias_l;
@@ -110,19 +223,8 @@ std::vector<op_t> scale_input_pass(Tensor& gw, const Tensor& x, const op_t* l,
   scalar_t* GW = gw.data_ptr<scalar_t>();
   const scalar_t* X = x.data_ptr<scalar_t>();
   return parallel_column_sums<op_t>(M, K, pass_grain(K), [&](int64_t m0, int64_t m1, op_t* acc) {
-    for (int64_t m = m0; m < m1; ++m) {
-      scalar_t* g = GW + m * K;
-      const scalar_t* xr = X + m * K;
-      if (write_grad_x) {
-        for (int64_t k = 0; k < K; ++k) {
-          const op_t v = static_cast<op_t>(g[k]);
-          acc[k] += static_cast<op_t>(xr[k]) * v;
-          g[k] = static_cast<scalar_t>(v * l[k]);
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) acc[k] += static_cast<op_t>(xr[k]) * static_cast<op_t>(g[k]);
-      }
-    }
+    for (int64_t m = m0; m < m1; ++m)
+      grad_row(GW + m * K, X + m * K, write_grad_x ? l : nullptr, acc, K);
   });
 }
 
@@ -138,17 +240,10 @@ std::vector<op_t> grad_out_column_sums(const Tensor& g, const Tensor* u, bool wi
   const int64_t width = (with_prod ? N : 0) + (with_sum ? N : 0);
   return parallel_column_sums<op_t>(M, width, pass_grain(N), [&](int64_t m0, int64_t m1,
                                                                   op_t* acc) {
-    op_t* prod = acc;
-    op_t* sum = acc + (with_prod ? N : 0);
-    for (int64_t m = m0; m < m1; ++m) {
-      const scalar_t* gr = G + m * N;
-      if (with_prod) {
-        const scalar_t* ur = U + m * N;
-        for (int64_t n = 0; n < N; ++n) prod[n] += static_cast<op_t>(gr[n]) * static_cast<op_t>(ur[n]);
-      }
-      if (with_sum)
-        for (int64_t n = 0; n < N; ++n) sum[n] += static_cast<op_t>(gr[n]);
-    }
+    op_t* prod = with_prod ? acc : nullptr;
+    op_t* sum = with_sum ? acc + (with_prod ? N : 0) : nullptr;
+    for (int64_t m = m0; m < m1; ++m)
+      sums_row(G + m * N, with_prod ? U + m * N : nullptr, prod, sum, N);
   });
 }
 
