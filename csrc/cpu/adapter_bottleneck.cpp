@@ -1,12 +1,15 @@
 // CPU adapter_bottleneck forward and backward (semantics: csrc/torch_bindings.cpp, ops.h).
 //
-// The six products go to ATen GEMMs (MKL / oneDNN, all threads; they accumulate in fp32 for
-// bf16); what is fused is the traffic around them:
-//  forward:  z = addmm(bd, h, Wd^T); out = residual + scaling * bu (one pass, the copy addmm
-//            would make anyway), then out += scaling * act(z) Wu^T (GEMM with beta = 1).
+// The six products are ATen GEMMs (MKL / oneDNN; they accumulate in fp32 for bf16), run per
+// row chunk: one chunk per thread, each running its rows' whole chain single-threaded (MKL
+// threads these skinny GEMMs poorly), the weight gradients as per-chunk partials summed at the
+// end. What is fused is the traffic around the GEMMs:
+//  forward:  z = h Wd^T + bd; out = residual + scaling * bu (one pass: the copy addmm would
+//            make anyway), then out += scaling * act(z) Wu^T (GEMM with beta = 1).
 //  backward: [grad_w_up | grad_b_up]^T from one GEMM scaling [a, 1]^T g (a recomputed from z);
 //            gz = (scaling g Wu) * act'(z) in place over that GEMM's output;
-//            grad_h = addmm(g, gz, Wd) when the residual is h (else gz Wd); grad_w_down = gz^T h.
+//            grad_h = g + gz Wd (GEMM with beta = 1 on the copy of g) when the residual is h,
+//            else gz Wd; grad_w_down = gz^T h.
 // Only h and z are kept for the backward. The activations and their derivatives run as ATen's
 // vectorised kernels over [M, R] (same formulas as common/activation.h; scalar erf / tanh
 // per element cost more than a GEMM at these shapes).
