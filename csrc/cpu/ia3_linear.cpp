@@ -131,7 +131,6 @@ void sums_row(const at::BFloat16* g, const at::BFloat16* u, float* prod, float* 
   sums_row_body<at::BFloat16, float>(g, u, prod, sum, n);
 }
 
-
 // Up to this many elements a scaled copy of a few rows of x (or grad_out) is a small buffer
 // (256 KB in fp32), cheaper than scaling all of W when M is this small.
 constexpr int64_t kSmallBuffer = 1 << 16;
@@ -155,8 +154,8 @@ void scale_matrix(const Tensor& src, const op_t* l, bool by_col, Tensor& dst) {
 
 // An uninitialised tensor shaped like `like`, in a buffer this thread reuses across calls: a
 // fresh multi-MB allocation page-faults on every call (~0.1 ms per MB here, as much as the
-// pass that fills it). Valid until this thread's next call; above kMaxCachedBytes (which
-// the cache may then keep for good) a plain allocation.
+// pass that fills it). Valid until this thread's next call. The buffer (at most
+// kMaxCachedBytes) lives as long as the thread; larger requests are plain allocations.
 Tensor transient_like(const Tensor& like) {
   constexpr int64_t kMaxCachedBytes = int64_t(32) << 20;
   const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
