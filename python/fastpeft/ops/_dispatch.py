@@ -37,21 +37,41 @@ def register(name: str, fake_forward, fake_backward, setup_context, make_backwar
     make_backward(backward_op) builds the autograd backward around the op's backward op.
     Returns the eager `apply` of an autograd Function running fastpeft::<name> with the same
     formula, without torch.library's Python autograd layer (tens of us per call)."""
+    def setup(ctx, inputs, output):
+        # The ops' extra outputs (saved for the backward) are non-differentiable: no zero
+        # gradient needs to be materialized for them.
+        ctx.set_materialize_grads(False)
+        setup_context(ctx, inputs, output)
+
+    n_inputs = len(getattr(torch.ops.fastpeft, name).default._schema.arguments)
+
+    def with_undefined_grad(backward):
+        # Without materialized grads, the main output's grad may be None too: no gradients.
+        def guarded(ctx, grad_out, *rest):
+            if grad_out is None:
+                return (None,) * n_inputs
+            return backward(ctx, grad_out, *rest)
+
+        return guarded
+
     for op in (name, name + "_triton"):
         torch.library.register_fake(f"fastpeft::{op}")(fake_forward)
         torch.library.register_fake(f"fastpeft::{op}_backward")(fake_backward)
         backward_op = getattr(torch.ops.fastpeft, op + "_backward").default
         torch.library.register_autograd(
-            f"fastpeft::{op}", make_backward(backward_op), setup_context=setup_context
+            f"fastpeft::{op}", with_undefined_grad(make_backward(backward_op)),
+            setup_context=setup
         )
     forward_op = getattr(torch.ops.fastpeft, name).default
-    backward = make_backward(getattr(torch.ops.fastpeft, name + "_backward").default)
+    backward = with_undefined_grad(
+        make_backward(getattr(torch.ops.fastpeft, name + "_backward").default)
+    )
 
     class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
             output = forward_op(*inputs)
-            setup_context(ctx, inputs, output)
+            setup(ctx, inputs, output)
             return output
 
         @staticmethod

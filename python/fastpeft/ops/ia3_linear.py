@@ -40,18 +40,22 @@ def ia3_linear(
 
     Returns [..., out_features]; gradients flow to x and l, and to weight / bias when they
     require grad. The backward keeps x (or, for scale_input=False with a frozen weight, the
-    unscaled output when that is what l's gradient needs), never a scaled copy.
+    output, or the unscaled output, when that is what l's gradient needs), never a scaled copy.
     """
     _check_args(x, weight, bias, scale, scale_input)
     op = _dispatch.kernel("ia3_linear", x.device, _eager)
     if op is None:
         return reference.ia3_linear(x, weight, bias, scale, scale_input)
     l = scale.reshape(-1)
-    # For (x W^T + b) * l the gradient of l needs x W^T + b: keep it (M x out) instead of
-    # recomputing it from x with a GEMM, unless grad_weight's G = grad^T x gives it anyway.
+    # For (x W^T + b) * l with a frozen W, l's gradient is colsum(grad * (x W^T + b)). On the
+    # CPU the autograd formula keeps the output y and divides colsum(grad * y) by l (the
+    # forward is then a single GEMM with l folded into W); elsewhere (a check for l == 0
+    # would synchronize the GPU) and under torch.compile the op also returns x W^T + b
+    # (M x out) to keep instead. Neither recomputes a GEMM from x.
     keep_unscaled = (
         not scale_input and torch.is_grad_enabled() and l.requires_grad
         and not weight.requires_grad
+        and (x.device.type != "cpu" or torch.compiler.is_compiling())
     )
     lead = x.shape[:-1]
     y, _ = op(
@@ -75,15 +79,20 @@ def _fake_backward(grad_out, x, weight, bias, scale, unscaled, scale_input, mask
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, scale, scale_input, keep_unscaled = inputs
-    _, unscaled = output
+    y, unscaled = output
     need_x, need_w, need_b, need_l = ctx.needs_input_grad[:4]
     has_unscaled = keep_unscaled and not scale_input
-    # x is needed for grad_weight, and for grad_scale unless the unscaled output replaces it.
-    keep_x = need_w or (need_l and not has_unscaled)
-    ctx.save_for_backward(
-        x if keep_x else x.new_empty(0), weight, bias, scale,
-        unscaled if has_unscaled else x.new_empty(0),
+    # (x W^T + b) * l, frozen W, no unscaled output: keep y itself (x W^T + b = y / l) when
+    # no l is 0 (checked here on the CPU only: it needs the values). Otherwise x, for G = g^T x.
+    ctx.divide_by_scale = (
+        not scale_input and not has_unscaled and need_l and not need_w
+        and scale.device.type == "cpu" and not torch.compiler.is_compiling()
+        and not bool((scale == 0).any())
     )
+    # x is needed for grad_weight, and for grad_scale unless an unscaled output replaces it.
+    keep_x = need_w or (need_l and not has_unscaled and not ctx.divide_by_scale)
+    kept_output = unscaled if has_unscaled else (y if ctx.divide_by_scale else x.new_empty(0))
+    ctx.save_for_backward(x if keep_x else x.new_empty(0), weight, bias, scale, kept_output)
     ctx.scale_input, ctx.has_bias = scale_input, bias is not None
     ctx.mark_non_differentiable(unscaled)
 
@@ -97,6 +106,8 @@ def _make_backward(backward_op):
             grad_y.contiguous(), x, weight, bias if ctx.has_bias else None, scale, unscaled,
             ctx.scale_input, mask,
         )
+        if ctx.divide_by_scale:  # colsum(g * y) / l = colsum(g * (x W^T + b))
+            grads = (*grads[:3], grads[3] / scale)
         return (*(g if m else None for g, m in zip(grads, mask)), None, None)
 
     return backward
