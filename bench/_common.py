@@ -8,9 +8,11 @@ the layer's weights excluded): the activation memory that grows with every layer
 torch keeps no allocator statistics on the CPU, so that is the CPU memory column.
 """
 
+import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,22 @@ import torch
 import fastpeft
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(doc: str, argv, quick_help: str) -> argparse.Namespace | None:
+    """The options every benchmark takes; None (after saying so) when --device cuda has no GPU.
+    Sets args.dtype: bf16 on CUDA, fp32 on the CPU."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="results dir (default bench/results)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure on cuda", file=sys.stderr)
+        return None
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return args
 
 
 def step(fn, params, grad):

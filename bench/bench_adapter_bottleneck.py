@@ -10,13 +10,11 @@ only the pre-activation z. Timing and memory columns as described in bench/_comm
     python bench/bench_adapter_bottleneck.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
-import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from _common import measure, write_results
+from _common import measure, parse_args, write_results
 from fastpeft.ops import adapter_bottleneck, reference, use_backend
 
 # (M, hidden, bottleneck): reduction factor 16 at SmolLM2-135M's width and at a 2048 width.
@@ -60,17 +58,10 @@ def make_providers(m, d, r, activation, device, dtype, with_triton):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="one shape, fewer rounds")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="results dir (default bench/results)")
-    args = parser.parse_args(argv)
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure on cuda", file=sys.stderr)
+    args = parse_args(__doc__, argv, "one shape, fewer rounds")
+    if args is None:
         return 2
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = args.device, args.dtype
     shapes = CUDA_SHAPES if device == "cuda" else CPU_SHAPES
     activations = ["gelu", "silu"] if device == "cuda" else CPU_ACTIVATIONS
     if args.quick:

@@ -11,14 +11,12 @@ Timing and memory columns as described in bench/_common.py.
     python bench/bench_ia3_linear.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
-import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import measure, write_results
+from _common import measure, parse_args, write_results
 from fastpeft.ops import ia3_linear, use_backend
 
 # (M, in, out, scale_input): SmolLM2-135M's MLP down / up projections and its k / v projection.
@@ -60,17 +58,10 @@ def make_providers(m, k, n, scale_input, device, dtype, with_triton):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="two shapes, fewer rounds")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="results dir (default bench/results)")
-    args = parser.parse_args(argv)
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure on cuda", file=sys.stderr)
+    args = parse_args(__doc__, argv, "two shapes, fewer rounds")
+    if args is None:
         return 2
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = args.device, args.dtype
     shapes = CUDA_SHAPES if device == "cuda" else CPU_SHAPES
     if args.quick:
         shapes = shapes[1:3]

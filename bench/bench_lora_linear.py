@@ -8,14 +8,12 @@ is reported too.
     python bench/bench_lora_linear.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
-import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import measure, write_results
+from _common import measure, parse_args, write_results
 from fastpeft.ops import lora_linear, use_backend
 
 CPU_SHAPES = [(1024, 576, 576), (1024, 576, 1536), (1024, 1536, 576), (4096, 2048, 2048)]
@@ -59,17 +57,10 @@ def make_providers(m, k, n, p, device, dtype, with_triton):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="one shape, fewer rounds (the demo)")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="results dir (default bench/results)")
-    args = parser.parse_args(argv)
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure on cuda", file=sys.stderr)
+    args = parse_args(__doc__, argv, "one shape, fewer rounds (the demo)")
+    if args is None:
         return 2
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = args.device, args.dtype
     shapes = CUDA_SHAPES if device == "cuda" else CPU_SHAPES
     if args.quick:
         shapes = shapes[1:2]

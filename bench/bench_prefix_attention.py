@@ -11,14 +11,12 @@ without allocating the concatenated keys. Timing and memory columns as in bench/
     python bench/bench_prefix_attention.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
-import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import measure, write_results
+from _common import measure, parse_args, write_results
 from fastpeft.ops import prefix_attention, use_backend
 
 # (B, Hq, Hkv, T, P, D, padded)
@@ -84,17 +82,10 @@ def make_providers(case, device, dtype, with_triton):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="one case, fewer rounds")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="results dir (default bench/results)")
-    args = parser.parse_args(argv)
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure on cuda", file=sys.stderr)
+    args = parse_args(__doc__, argv, "one case, fewer rounds")
+    if args is None:
         return 2
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = args.device, args.dtype
     cases = CUDA_CASES if device == "cuda" else CPU_CASES
     if args.quick:
         cases = cases[:1]

@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.ops.triton.lora_linear import _dot_precision, _interpreting, _launch_kernel
+from fastpeft.ops.triton.lora_linear import (
+    _dot_precision, _interpreting, _launch_kernel, grouped_tile,
+)
 
 __all__ = ["ACTIVATIONS", "gemm", "gemm_tn", "colsum", "interpreting", "upcast_for_interpreter"]
 
@@ -98,15 +100,7 @@ def _gemm_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of C = epilogue(prologue(A) @ B); see the module doc."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(Q, BLOCK_N)
-    # Grouped ordering: GROUP_M row blocks share their B column blocks in L2.
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, Q, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
