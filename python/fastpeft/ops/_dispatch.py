@@ -70,7 +70,10 @@ def register(name: str, fake_forward, fake_backward, setup_context, make_backwar
     class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            output = forward_op(*inputs)
+            # Straight to the CPU / CUDA kernel: the op's registered Autograd kernel would
+            # only redispatch below autograd again, in Python.
+            with torch._C._AutoDispatchBelowAutograd():
+                output = forward_op(*inputs)
             setup(ctx, inputs, output)
             return output
 
