@@ -4,7 +4,9 @@ Forward+backward of attention over [prefix ; keys] (prefix tuning / P-tuning v2)
 the prefix all needing gradients. The baseline is what peft's KV-cache route amounts to: the
 prefix concatenated to the keys and values, SDPA with an explicit mask (prefix visible, causal
 lower-right on the sequence, padding) and enable_gqa. On CUDA it is also timed with the
-flash-attention backend on the concat (GQA heads expanded, causal lower-right bias).
+flash-attention backend on the concat (GQA heads expanded, causal lower-right bias), and
+fastpeft's C++ CUDA path (PyTorch's attention on prefix and sequence, merged by log-sum-exp)
+next to its Triton kernel: the faster becomes "auto" (_backend.py).
 Target (CPU, fp32, B=4, Hq=9, Hkv=3, T=256, P=32, D=64): at most 1.0x the concat path's time,
 without allocating the concatenated keys. Timing and memory columns as in bench/_common.py.
 
@@ -76,6 +78,12 @@ def make_providers(case, device, dtype, with_triton):
                 return prefix_attention(*tensors, mask)
 
         providers["fastpeft-triton"] = triton_provider
+
+        def cpp_provider():  # the C++ path: PyTorch's attention on both parts, LSE-merged
+            with use_backend("cpp"):
+                return prefix_attention(*tensors, mask)
+
+        providers["fastpeft-cpp"] = cpp_provider
         if not padded:
             providers["flash-concat"] = lambda: flash_concat(*tensors)
     return providers, tensors, torch.randn_like(q), []
@@ -106,10 +114,11 @@ def main(argv=None) -> int:
                  f"{res['concat+sdpa']['saved_mb']:.1f} / {res['fastpeft']['saved_mb']:.1f}"]
         if with_triton:
             row["triton_vs_concat"] = res["fastpeft-triton"]["median_ms"] / base
+            row["cpp_vs_concat"] = res["fastpeft-cpp"]["median_ms"] / base
             flash = res.get("flash-concat")
             row["triton_vs_flash_concat"] = (res["fastpeft-triton"]["median_ms"] / flash["median_ms"]
                                              if flash else None)
-            cells += [f"{row['triton_vs_concat']:.3f}",
+            cells += [f"{row['triton_vs_concat']:.3f}", f"{row['cpp_vs_concat']:.3f}",
                       f"{row['triton_vs_flash_concat']:.3f}" if flash else "-",
                       " / ".join(f"{res[p]['peak_extra_mb']:.0f}"
                                  for p in ("concat+sdpa", "fastpeft", "fastpeft-triton"))]
@@ -119,7 +128,8 @@ def main(argv=None) -> int:
     header = ["B x Hq/Hkv", "T", "P", "D", "padded", "concat+sdpa ms", "fastpeft / concat",
               "saved MB concat / fastpeft"]
     if with_triton:
-        header += ["triton / concat", "triton / flash-concat", "peak MB concat / fastpeft / triton"]
+        header += ["triton / concat", "cpp (LSE merge) / concat", "triton / flash-concat",
+                   "peak MB concat / fastpeft / triton"]
     print(write_results("prefix_attention", device, args.quick, rounds, rows, header, table,
                         args.out, note=f"dtype {dtype}; causal; prefix batch 1 (shared)"))
     return 0

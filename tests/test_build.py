@@ -54,3 +54,14 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     with fastpeft.ops.use_backend("triton"):
         with pytest.raises(ValueError, match="triton backend needs CUDA tensors"):
             fastpeft.ops.lora_linear(x, torch.randn(3, 4), None, torch.randn(2, 4), torch.randn(3, 2), 1.0)
+
+
+def test_cpp_backend_selects_the_cpp_kernels():
+    x, w, a, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2)
+    with fastpeft.ops.use_backend("cpp"):
+        assert fastpeft.ops.get_backend() == "cpp"
+        y = fastpeft.ops.lora_linear(x, w, None, a, b, 2.0)
+    torch.testing.assert_close(y, fastpeft.ops.reference.lora_linear(x, w, None, a, b, 2.0))
+    assert fastpeft.ops._backend.implementation("prefix_attention", torch.device("cuda")) == "triton"
+    with fastpeft.ops.use_backend("cpp"):
+        assert fastpeft.ops._backend.implementation("prefix_attention", torch.device("cuda")) == "cpp"

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cpp")
 
 # "auto" on CUDA: the implementation to use per op, "cuda" (C++) or "triton", whichever
 # bench/bench_<op>.py --device cuda (`make gpu-check`) measures faster. None has been timed on a
@@ -24,6 +24,7 @@ def set_backend(name: str) -> None:
     "auto": the C++ kernels on the CPU; on CUDA the faster of CUDA C++ and Triton per op.
     "reference": the pure-PyTorch reference (ops/reference.py), the ground truth.
     "triton": the Triton kernels (on the CPU only under TRITON_INTERPRET=1).
+    "cpp": the C++ kernels (CPU, or CUDA C++ on a GPU), whatever "auto" would pick.
     """
     global _current
     if name not in BACKENDS:
