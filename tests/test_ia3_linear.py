@@ -60,6 +60,22 @@ def test_peft_parameter_shapes_get_gradients_in_their_shape(scale_input):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("special", [0.0, 1e-30])
+def test_output_scaling_with_zero_or_tiny_scale(special):
+    # A frozen W on the CPU keeps y and divides by l, unless an l is 0 or tiny: then x is kept.
+    x, w, b, l = make_inputs((40,), 24, 16, torch.float64, False)
+    l = l.detach().clone()
+    l[3] = special
+    l.requires_grad_(True)
+    grad_out = torch.randn(40, 16, dtype=torch.float64)
+    y, grads = run(ia3_linear, [x, w, b, l], [False], grad_out)
+    y_ref, grads_ref = run(reference.ia3_linear, [x, w, b, l], [False], grad_out)
+    torch.testing.assert_close(y, y_ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r)
+    assert grads[1][3] != 0  # l[3]'s gradient still sees x W^T + b
+
+
 def test_non_contiguous_x():
     x, w, b, l = make_inputs((16,), 48, 20, torch.float32, True)
     wide = torch.randn(16, 96)[:, ::2].requires_grad_(True)

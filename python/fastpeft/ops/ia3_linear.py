@@ -77,17 +77,23 @@ def _fake_backward(grad_out, x, weight, bias, scale, unscaled, scale_input, mask
     return tuple(weight.new_empty(s if on else (0,)) for s, on in zip(shapes, mask))
 
 
+# The smallest |l| by which y may be divided to recover x W^T + b (well inside the normal range
+# of fp32 / bf16, so y = (x W^T + b) * l keeps its relative precision).
+_MIN_DIVISOR = 1e-12
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, scale, scale_input, keep_unscaled = inputs
     y, unscaled = output
     need_x, need_w, need_b, need_l = ctx.needs_input_grad[:4]
     has_unscaled = keep_unscaled and not scale_input
     # (x W^T + b) * l, frozen W, no unscaled output: keep y itself (x W^T + b = y / l) when
-    # no l is 0 (checked here on the CPU only: it needs the values). Otherwise x, for G = g^T x.
+    # every |l| is far from 0 and underflow (checked here on the CPU only: it needs the
+    # values). Otherwise x, for G = g^T x.
     ctx.divide_by_scale = (
         not scale_input and not has_unscaled and need_l and not need_w
         and scale.device.type == "cpu" and not torch.compiler.is_compiling()
-        and not bool((scale == 0).any())
+        and bool((scale.abs() >= _MIN_DIVISOR).all())
     )
     # x is needed for grad_weight, and for grad_scale unless an unscaled output replaces it.
     keep_x = need_w or (need_l and not has_unscaled and not ctx.divide_by_scale)
