@@ -47,3 +47,30 @@ def saved_tensors(fn, *args):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*args)
     return saved
+
+
+def run_under_triton_interpret(test_module: str, body: str) -> None:
+    """Run `body` in a fresh Python with TRITON_INTERPRET=1 set before triton is imported
+    (Triton's own interpreter mode), with the test module imported as T and
+    InterpretedFunction in scope; it must print OK."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    script = "\n".join([
+        "import sys, torch",
+        f"sys.path.insert(0, {str(tests)!r})",
+        f"import {test_module} as T",
+        "from triton.runtime.interpreter import InterpretedFunction",
+        textwrap.dedent(body),
+        "print('OK')",
+    ])
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(tests.parent / "python")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr

@@ -5,15 +5,11 @@ tests/test_lora_linear_triton.py for how), against the float64 reference
 by tests/_tolerance.py. Shapes are small: the interpreter is slow. CUDA cases skip without a
 GPU."""
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from _harness import run_under_triton_interpret
 from _tolerance import assert_close_to_reference
 from fastpeft.ops import reference
 from fastpeft.ops.triton import adapter_bottleneck as tab
@@ -21,7 +17,6 @@ from fastpeft.ops.triton import gemm as tg
 from test_ia3_linear_triton import compile_for_sm90, gemm_signature, tn_signature
 from test_ia3_linear_triton import GEMM_FLAGS, TN_FLAGS
 
-REPO = Path(__file__).resolve().parents[1]
 NAMES = ("grad_h", "grad_w_down", "grad_b_down", "grad_w_up", "grad_b_up")
 ACTS = ("relu", "gelu", "gelu_tanh", "silu")
 
@@ -221,24 +216,13 @@ def test_public_wrapper_triton_backend(monkeypatch, residual):
 
 
 def test_triton_interpret_env_subprocess():
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import test_adapter_bottleneck_triton as T
-        from triton.runtime.interpreter import InterpretedFunction
-        from fastpeft.ops.triton import gemm
-        assert isinstance(gemm._gemm_kernel, InterpretedFunction)
-        T.check(*T.make_inputs(21, 19, 5, torch.float32), "gelu")
-        T.check(*T.make_inputs(21, 19, 5, torch.float32, residual=True), "gelu_tanh")
-        print("OK")
+    """Triton's own interpreter mode: TRITON_INTERPRET=1 before triton is imported."""
+    run_under_triton_interpret("test_adapter_bottleneck_triton", """
+    from fastpeft.ops.triton import gemm
+    assert isinstance(gemm._gemm_kernel, InterpretedFunction)
+    T.check(*T.make_inputs(21, 19, 5, torch.float32), "gelu")
+    T.check(*T.make_inputs(21, 19, 5, torch.float32, residual=True), "gelu_tanh")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "python"), str(REPO / "tests")]
-        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_kernels_compile_for_cuda():

@@ -4,22 +4,17 @@ the float64 reference (fastpeft.ops.reference.ia3_linear and its autograd gradie
 error allowed by tests/_tolerance.py (at most 2x plain PyTorch in the same dtype, plus a floor).
 Shapes are small: the interpreter is slow. The CUDA cases skip without a GPU."""
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import triton
 
+from _harness import run_under_triton_interpret
 from _tolerance import assert_close_to_reference
 from fastpeft.ops import reference
 from fastpeft.ops.triton import gemm as tg
 from fastpeft.ops.triton import ia3_linear as tia
 
-REPO = Path(__file__).resolve().parents[1]
 NAMES = ("grad_x", "grad_weight", "grad_bias", "grad_scale")
 
 
@@ -245,24 +240,13 @@ def test_public_wrapper_triton_backend(monkeypatch, scale_input, train_weight):
 
 
 def test_triton_interpret_env_subprocess():
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import test_ia3_linear_triton as T
-        from triton.runtime.interpreter import InterpretedFunction
-        from fastpeft.ops.triton import gemm
-        assert isinstance(gemm._gemm_kernel, InterpretedFunction)
-        for si in (True, False):
-            T.check(*T.make_inputs(21, 19, 17, si, torch.float32), si, not si)
-        print("OK")
+    """Triton's own interpreter mode: TRITON_INTERPRET=1 before triton is imported."""
+    run_under_triton_interpret("test_ia3_linear_triton", """
+    from fastpeft.ops.triton import gemm
+    assert isinstance(gemm._gemm_kernel, InterpretedFunction)
+    for si in (True, False):
+        T.check(*T.make_inputs(21, 19, 17, si, torch.float32), si, not si)
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "python"), str(REPO / "tests")]
-        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 def compile_for_sm90(kernel, signature, constexprs, num_warps=4, num_stages=3):

@@ -10,22 +10,15 @@ triton is imported, is covered in a subprocess (test_triton_interpret_env_subpro
 Shapes are small: the interpreter is slow.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 import triton
 
+from _harness import run_under_triton_interpret
 from fastpeft.ops import reference
 from fastpeft.ops.triton import lora_linear as tll
 from fastpeft.ops.triton import philox as tph
-
-REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------
 # Pure-PyTorch Philox4x32-7 (int64 tensors holding uint32 words) and the contract in float64
@@ -298,30 +291,19 @@ def test_interpreter_leaves_triton_unpatched():
 
 def test_triton_interpret_env_subprocess():
     """Triton's own interpreter mode: TRITON_INTERPRET=1 before triton is imported."""
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import test_lora_linear_triton as T
-        from triton.runtime.interpreter import InterpretedFunction
-        from fastpeft.ops.triton import lora_linear as tll
-        assert isinstance(tll._lora_fwd_kernel, InterpretedFunction)
-        x, w, b, a, bm, go = T.make_inputs(21, 19, 17, 5, torch.float32)
-        seed = torch.tensor([T.SEED], dtype=torch.int64)
-        y, t = tll.lora_linear_triton_impl(x, w, b, a, bm, 1.5, 0.3, seed)
-        y_ref, t_ref = T.contract_forward(x, w, b, a, bm, 1.5, 0.3, T.SEED)
-        T.assert_near(y, y_ref, torch.float32, "y")
-        T.assert_near(t, t_ref, torch.float32, "t")
-        grads = tll.lora_linear_triton_backward_impl(go, x, w, a, bm, t, 1.5, 0.3, seed, [1] * 5)
-        for g, e in zip(grads, T.contract_backward(go, x, w, a, bm, t, 1.5, 0.3, T.SEED)):
-            T.assert_near(g, e, torch.float32)
-        print("OK")
+    run_under_triton_interpret("test_lora_linear_triton", """
+    from fastpeft.ops.triton import lora_linear as tll
+    assert isinstance(tll._lora_fwd_kernel, InterpretedFunction)
+    x, w, b, a, bm, go = T.make_inputs(21, 19, 17, 5, torch.float32)
+    seed = torch.tensor([T.SEED], dtype=torch.int64)
+    y, t = tll.lora_linear_triton_impl(x, w, b, a, bm, 1.5, 0.3, seed)
+    y_ref, t_ref = T.contract_forward(x, w, b, a, bm, 1.5, 0.3, T.SEED)
+    T.assert_near(y, y_ref, torch.float32, "y")
+    T.assert_near(t, t_ref, torch.float32, "t")
+    grads = tll.lora_linear_triton_backward_impl(go, x, w, a, bm, t, 1.5, 0.3, seed, [1] * 5)
+    for g, e in zip(grads, T.contract_backward(go, x, w, a, bm, t, 1.5, 0.3, T.SEED)):
+        T.assert_near(g, e, torch.float32)
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "python")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ import math
 import os
 import re
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,9 +24,9 @@ import triton
 import fastpeft  # noqa: F401  (loads the extension, registers fake kernels and autograd)
 from fastpeft.ops import reference
 from fastpeft.ops.triton import prefix_attention as tpa
+from _harness import run_under_triton_interpret
 from _tolerance import assert_close_to_reference
 
-REPO = Path(__file__).resolve().parents[1]
 GRAD_NAMES = ("dq", "dk", "dv", "dprefix_k", "dprefix_v")
 
 
@@ -280,24 +278,13 @@ def test_interpreter_leaves_triton_unpatched():
 
 def test_triton_interpret_env_subprocess():
     """Triton's own interpreter mode: TRITON_INTERPRET=1 before triton is imported."""
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import test_prefix_attention_triton as T
-        from triton.runtime.interpreter import InterpretedFunction
-        assert isinstance(T.tpa._fwd_kernel, InterpretedFunction)
-        for dtype in (torch.float32, torch.bfloat16):
-            inputs = T.make_inputs(2, 4, 2, 19, 3, 24, 1, "pad", dtype)
-            out, lse, grads = T.run_triton(inputs, True, 0.3)
-            T.check_against_reference(inputs, True, 0.3, out, lse, grads)
-        print("OK")
+    run_under_triton_interpret("test_prefix_attention_triton", """
+    assert isinstance(T.tpa._fwd_kernel, InterpretedFunction)
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = T.make_inputs(2, 4, 2, 19, 3, 24, 1, "pad", dtype)
+        out, lse, grads = T.run_triton(inputs, True, 0.3)
+        T.check_against_reference(inputs, True, 0.3, out, lse, grads)
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "python")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------------------------
