@@ -1,7 +1,51 @@
 """fastpeft: fast parameter-efficient fine-tuning and RLHF with fused kernels."""
 
-from fastpeft._ext import build_info
 from fastpeft import ops
+from fastpeft._ext import build_info
+from fastpeft.patching import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    disable_adapter,
+    get_nb_trainable_parameters,
+    merge,
+    patch,
+    print_trainable_parameters,
+    set_adapter,
+    unmerge,
+    unpatch,
+)
+from fastpeft.tuners import (
+    AdapterConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+    load_config,
+)
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = [
+    "AdapterConfig",
+    "IA3Config",
+    "LoraConfig",
+    "PTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "__version__",
+    "active_adapters",
+    "add_adapter",
+    "build_info",
+    "delete_adapter",
+    "disable_adapter",
+    "get_nb_trainable_parameters",
+    "load_config",
+    "merge",
+    "ops",
+    "patch",
+    "print_trainable_parameters",
+    "set_adapter",
+    "unmerge",
+    "unpatch",
+]
