@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastpeft.tuners.base import ModulesToSave, TunerLayer
-from fastpeft.tuners.config import TunerConfig, load_config
+from fastpeft.tuners.config import CONFIG_CLASSES, TunerConfig, load_config
 from fastpeft.tuners.families import Family, family_of
 from fastpeft.tuners.targets import find_targets, matches
 
@@ -52,7 +52,7 @@ class PatchState:
 
     @property
     def is_prompt_learning(self) -> bool:
-        return next(iter(self.configs.values())).is_prompt_learning
+        return CONFIG_CLASSES[self.peft_type].is_prompt_learning
 
 
 def state_of(model: nn.Module) -> PatchState:
@@ -82,7 +82,7 @@ def patch(model: nn.Module, config: Any, adapter_name: str = "default") -> nn.Mo
     try:
         add_adapter(model, config, adapter_name)
     except Exception:
-        del model.__dict__["_fastpeft"]
+        _unload(model, keep_modules_to_save=False)
         raise
     state.hooks.append(model.register_forward_pre_hook(_pre_forward, with_kwargs=True, prepend=True))
     state.original_generate = model.__dict__.get("generate")
@@ -115,14 +115,20 @@ def add_adapter(model: nn.Module, config: Any, adapter_name: str) -> None:
             f"method, got a {config.peft_type} config for {adapter_name!r}"
         )
     config = config.replace()  # our own copy: defaults get filled in below
-    if config.is_prompt_learning:
-        from fastpeft.tuners import prompt
+    try:
+        for key in config.modules_to_save or []:  # first, so that no adapter layer targets them
+            _add_module_to_save(model, key, adapter_name)
+        if config.is_prompt_learning:
+            from fastpeft.tuners import prompt
 
-        prompt.add_adapter(model, state, adapter_name, config)
-    else:
-        _add_layer_adapter(model, state, adapter_name, config)
-    for key in config.modules_to_save or []:
-        _add_module_to_save(model, key, adapter_name)
+            prompt.add_adapter(model, state, adapter_name, config)
+        else:
+            _add_layer_adapter(model, state, adapter_name, config)
+    except Exception:
+        for m in _layers(model):  # leave no half-added adapter behind
+            m.delete_adapter(adapter_name)
+        _drop_empty_wrappers(model)
+        raise
     state.configs[adapter_name] = config
     state.ctx.adapter_order = list(state.configs)
     _mark_trainable(model, state)
@@ -201,6 +207,15 @@ def _add_module_to_save(model: nn.Module, target: str, adapter_name: str) -> Non
         model.set_submodule(key, wrapper)
 
 
+def _drop_empty_wrappers(model: nn.Module) -> None:
+    """Put back the plain module where a wrapper holds no adapter any more."""
+    for key, m in list(model.named_modules()):
+        if isinstance(m, TunerLayer) and not m.adapters:
+            model.set_submodule(key, m.base_layer)
+        elif isinstance(m, ModulesToSave) and not len(m.modules_to_save):
+            model.set_submodule(key, m.original_module)
+
+
 def _layers(model: nn.Module) -> Iterator[TunerLayer | ModulesToSave]:
     for m in model.modules():
         if isinstance(m, (TunerLayer, ModulesToSave)):
@@ -261,6 +276,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"{adapter_name!r} is the only adapter; use fastpeft.unpatch(model)")
     for m in _layers(model):
         m.delete_adapter(adapter_name)
+    _drop_empty_wrappers(model)
     if state.is_prompt_learning:
         from fastpeft.tuners import prompt
 

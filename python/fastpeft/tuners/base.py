@@ -71,7 +71,9 @@ class TunerLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             self.unmerge()
         for attr in self.adapter_attrs:
-            getattr(self, attr).pop(adapter_name, None)
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
         self._forget(adapter_name)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
@@ -135,7 +137,8 @@ class ModulesToSave(nn.Module):
         self.active_adapter = present[0] if present else None
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.modules_to_save.pop(adapter_name, None)
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 

@@ -1,0 +1,55 @@
+"""Tiny random Hugging Face models built from configs, one per supported family."""
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+VOCAB = 64
+_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+_BERT_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, num_labels=2)
+
+BUILDERS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**_LLAMA_LIKE)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**_LLAMA_LIKE)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_LLAMA_LIKE)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(head_dim=8, **_LLAMA_LIKE)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                               n_positions=64, bos_token_id=0, eos_token_id=0)),
+    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64)),
+    "bert": lambda: BertForSequenceClassification(BertConfig(**_BERT_LIKE)),
+    "roberta": lambda: RobertaForSequenceClassification(RobertaConfig(
+        pad_token_id=1, **{**_BERT_LIKE, "max_position_embeddings": 70})),
+}
+
+FAMILIES = list(BUILDERS)
+
+
+def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of `family` in eval mode, the same for the same seed."""
+    torch.manual_seed(seed)
+    return BUILDERS[family]().eval()
+
+
+def tiny_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (batch, seq), generator=g)
