@@ -209,3 +209,26 @@ def test_failed_add_adapter_leaves_no_trace():
     with pytest.raises(ValueError, match="matched no module"):
         fastpeft.patch(tiny_model("llama"), fastpeft.LoraConfig(
             modules_to_save=["lm_head"], target_modules=["nope"]))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_lora_with_dropout_under_gradient_checkpointing(use_reentrant):
+    """The recompute regenerates the same dropout masks (the op's seed comes from the RNG
+    state checkpointing restores), so the gradients equal those of a plain run."""
+    base = tiny_model("llama")
+    ids = tiny_inputs()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same random LoRA weights
+        model = fastpeft.patch(copy.deepcopy(base), fastpeft.LoraConfig(
+            r=4, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        torch.manual_seed(7)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
