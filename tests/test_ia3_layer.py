@@ -180,9 +180,7 @@ def test_several_active_adapters_multiply_as_peft(family):
     fastpeft.add_adapter(ours, fastpeft.IA3Config(), "other")
     theirs.add_adapter("other", peft.IA3Config())
     copy_random_vectors(ours, theirs, "other", seed=7)
-    for m in ours.modules():
-        if isinstance(m, IA3Linear):
-            m.set_adapter(["default", "other"])
+    fastpeft.set_adapter(ours, ["default", "other"])
     theirs.base_model.set_adapter(["default", "other"])
     ids = input_ids()
     with torch.no_grad():
@@ -202,3 +200,13 @@ def test_training_step_changes_only_the_vectors():
     opt.step()
     changed = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(ia3_vectors(ours))
+
+
+def test_forward_goes_through_the_fused_op(monkeypatch):
+    _, ours, _ = peft_ia3("gpt2")
+    calls = []
+    op = fastpeft.ops.ia3_linear
+    monkeypatch.setattr(fastpeft.ops, "ia3_linear", lambda *a: calls.append(a[4]) or op(*a))
+    with torch.no_grad():
+        ours(input_ids())
+    assert sorted(calls) == [False, False, True, True]  # c_attn (k, v-like) and mlp.c_proj
