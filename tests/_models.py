@@ -45,11 +45,30 @@ FAMILIES = list(BUILDERS)
 
 
 def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
-    """A tiny random model of `family` in eval mode, the same for the same seed."""
+    """A tiny random model of `family` in eval mode, the same for the same seed. Its biases
+    (zero after Hugging Face's init) are made random so that tests see what a method does to
+    them."""
     torch.manual_seed(seed)
-    return BUILDERS[family]().eval()
+    model = BUILDERS[family]().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.1)
+    return model
 
 
 def tiny_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    """Token ids in [2, VOCAB) (0 and 1 are left out: RoBERTa's pad id is 1)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (batch, seq), generator=g)
+
+
+def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The logits (causal LM or classifier), or the last hidden state of a bare encoder."""
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# Shorter names some test files use.
+build = tiny_model
+input_ids = tiny_inputs

@@ -252,15 +252,18 @@ def _mark_trainable(model: nn.Module, state: PatchState) -> None:
 
 
 def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
-    """Make `adapter_name` (or, for LoRA, a list of names applied together) the active
-    adapter(s); only those train."""
+    """Make `adapter_name` (or, for LoRA, IA3 and bottleneck adapters, a list of names applied
+    together: LoRA deltas add up, IA3 vectors multiply, bottleneck adapters run in sequence)
+    the active adapter(s); only those train."""
     state = state_of(model)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     missing = [n for n in names if n not in state.configs]
     if missing or not names:
         raise ValueError(f"unknown adapter(s) {missing or names}; the model has {list(state.configs)}")
-    if len(names) > 1 and state.peft_type != "LORA":
-        raise ValueError(f"only LoRA adapters can be active together, the model has {state.peft_type}")
+    if len(names) > 1 and state.is_prompt_learning:
+        raise ValueError(
+            f"only one {state.peft_type} adapter can be active at a time, got {names}"
+        )
     state.active = names
     for m in _layers(model):
         m.set_adapter(names)

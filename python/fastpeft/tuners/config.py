@@ -145,10 +145,11 @@ class AdapterConfig(TunerConfig):
     them with peft_type "BOTTLENECK_ADAPTER" in the same two files.
 
     kind "houlsby" puts one adapter after the attention output projection and one after the
-    MLP's; "pfeiffer" only after the MLP's. Each computes `h + scaling * up(act(down(h)))` with
-    `down` [in / reduction_factor, in]. activation defaults as AdapterHub's: "swish" for
-    Houlsby, "relu" for Pfeiffer. The up projection starts near zero (std 1e-2 normal, as
-    AdapterHub's "bert" init draws both, with zero biases) so a new adapter is almost identity.
+    MLP's; "pfeiffer" only after the MLP's. Each acts on the projection's output h (width out):
+    `h + scaling * up(act(down(h)))` with `down` [max(1, int(out / reduction_factor)), out].
+    activation defaults as AdapterHub's: "swish" for Houlsby, "relu" for Pfeiffer. The up
+    projection starts near zero (std init_std normal, as AdapterHub's "bert" init draws both,
+    with zero biases) so a new adapter is almost identity.
     `target_modules` overrides where the adapters go (the output projections they follow).
     """
 
@@ -165,8 +166,11 @@ class AdapterConfig(TunerConfig):
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
             raise ValueError(f"kind must be one of {ADAPTER_KINDS}, got {self.kind!r}")
-        if not self.reduction_factor or self.reduction_factor <= 0:
-            raise ValueError(f"reduction_factor must be > 0, got {self.reduction_factor}")
+        _check_positive_number("reduction_factor", self.reduction_factor)
+        _check_number("scaling", self.scaling)
+        _check_number("init_std", self.init_std)
+        if self.init_std < 0:
+            raise ValueError(f"init_std must be >= 0, got {self.init_std!r}")
         if self.activation is None:
             self.activation = "swish" if self.kind == "houlsby" else "relu"
         from fastpeft.ops.reference import canonical_activation
@@ -320,6 +324,17 @@ def _as_targets(value: Any) -> list[str] | str | None:
 def _check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
+def _check_positive_number(name: str, value: Any) -> None:
+    _check_number(name, value)
+    if value <= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _checked(cls: type[TunerConfig], config: TunerConfig) -> TunerConfig:
