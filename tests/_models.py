@@ -64,9 +64,12 @@ def tiny_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
 
 
 def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The logits (causal LM or classifier), or the last hidden state of a bare encoder."""
-    out = model(ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    """A causal LM's logits; a classifier's logits and last hidden state, flattened together
+    (its few logits barely move)."""
+    out = model(ids, output_hidden_states=True)
+    if out.logits.dim() == 3:
+        return out.logits
+    return torch.cat([out.logits.flatten(), out.hidden_states[-1].flatten()])
 
 
 # Shorter names some test files use.

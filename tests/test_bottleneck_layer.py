@@ -17,7 +17,7 @@ OUTPUTS = {
     "llama": ("model.layers.{}.", "self_attn.o_proj", "mlp.down_proj"),
     "gpt2": ("transformer.h.{}.", "attn.c_proj", "mlp.c_proj"),
     "gpt_neox": ("gpt_neox.layers.{}.", "attention.dense", "mlp.dense_4h_to_h"),
-    "bert": ("encoder.layer.{}.", "attention.output.dense", "output.dense"),
+    "bert": ("bert.encoder.layer.{}.", "attention.output.dense", "output.dense"),
 }
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
                "gelu_new": lambda z: F.gelu(z, approximate="tanh")}

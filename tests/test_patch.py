@@ -6,7 +6,7 @@ import copy
 import peft
 import pytest
 import torch
-from _models import FAMILIES, tiny_inputs, tiny_model
+from _models import FAMILIES, outputs, tiny_inputs, tiny_model
 
 import fastpeft
 from fastpeft.tuners.lora import LoraLinear
@@ -30,9 +30,6 @@ def _peft_and_fastpeft(family, **lora_kwargs):
     return base, pm, fm
 
 
-def _out(model, ids):
-    out = model(ids)
-    return out.logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -46,10 +43,10 @@ def test_lora_matches_peft_on_every_family(family, targets):
     ours = sorted(n for n, p in fm.named_parameters() if p.requires_grad)
     assert ours == peft_trainable
     assert fastpeft.get_nb_trainable_parameters(fm) == pm.get_nb_trainable_parameters()
-    expected = _out(pm, ids)
+    expected = outputs(pm, ids)
     # the adapter does something
-    assert (expected - _out(base, ids)).abs().max() > 1e-2 * expected.abs().max()
-    torch.testing.assert_close(_out(fm, ids), expected, rtol=0, atol=1e-5)
+    assert (expected - outputs(base, ids)).abs().max() > 1e-2 * expected.abs().max()
+    torch.testing.assert_close(outputs(fm, ids), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -98,20 +95,20 @@ def test_failed_patch_leaves_the_model_unpatched():
 def test_add_set_delete_adapters():
     model = fastpeft.patch(tiny_model("llama"), fastpeft.LoraConfig(r=2, init_lora_weights=False))
     ids = tiny_inputs()
-    out_default = _out(model, ids)
+    out_default = outputs(model, ids)
     fastpeft.add_adapter(model, fastpeft.LoraConfig(r=3, init_lora_weights=False), "other")
     assert fastpeft.active_adapters(model) == ["default"]
-    torch.testing.assert_close(_out(model, ids), out_default)
+    torch.testing.assert_close(outputs(model, ids), out_default)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".default." in n for n in trainable)
     fastpeft.set_adapter(model, "other")
-    out_other = _out(model, ids)
+    out_other = outputs(model, ids)
     assert (out_other - out_default).abs().max() > 1e-3
     assert all(".other." in n for n, p in model.named_parameters() if p.requires_grad)
     fastpeft.delete_adapter(model, "other")
     assert fastpeft.active_adapters(model) == ["default"]
     assert not any(".other." in n for n, _ in model.named_parameters())
-    torch.testing.assert_close(_out(model, ids), out_default)
+    torch.testing.assert_close(outputs(model, ids), out_default)
 
 
 def test_adapter_management_errors():
@@ -133,19 +130,19 @@ def test_adapter_management_errors():
 def test_disable_adapter_and_unpatch_restore_the_base_model():
     base = tiny_model("llama")
     ids = tiny_inputs()
-    expected = _out(base, ids)
+    expected = outputs(base, ids)
     names = {n: p.requires_grad for n, p in base.named_parameters()}
     model = fastpeft.patch(copy.deepcopy(base), fastpeft.LoraConfig(
         init_lora_weights=False, target_modules="all-linear", modules_to_save=["lm_head"]))
     with torch.no_grad():
         model.lm_head.modules_to_save["default"].weight.mul_(2)
-    assert (_out(model, ids) - expected).abs().max() > 1e-3
+    assert (outputs(model, ids) - expected).abs().max() > 1e-3
     with fastpeft.disable_adapter(model):
-        torch.testing.assert_close(_out(model, ids), expected, rtol=0, atol=0)
+        torch.testing.assert_close(outputs(model, ids), expected, rtol=0, atol=0)
     model = fastpeft.unpatch(model)
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == names
-    torch.testing.assert_close(_out(model, ids), expected, rtol=0, atol=0)
+    torch.testing.assert_close(outputs(model, ids), expected, rtol=0, atol=0)
 
 
 def test_modules_to_save_trains_a_copy():
