@@ -65,8 +65,12 @@ def find_targets(
     skip: Iterable[str] = (),
 ) -> list[str]:
     """Paths of the linear modules the config targets, in model order. "all-linear" is every
-    nn.Linear / Conv1D but the output layer."""
+    nn.Linear / Conv1D (or adapter layer already wrapping one) but the output layer. Modules
+    inside an adapter layer (its base layer, lora_A, ...) are never targets, as in peft."""
+    from fastpeft.tuners.base import TunerLayer
+
     skip = set(skip)
+    adapter_layers = [k for k, m in model.named_modules() if isinstance(m, TunerLayer)]
     all_linear = targets == "all-linear"
     if all_linear:
         skip |= output_layer_names(model)
@@ -74,8 +78,10 @@ def find_targets(
     for key, module in model.named_modules():
         if not key or key in skip or any(key.startswith(s + ".") for s in skip):
             continue
+        if any(key.startswith(a + ".") for a in adapter_layers):
+            continue
         if all_linear:
-            if not is_linear(module):
+            if not (is_linear(module) or isinstance(module, TunerLayer)):
                 continue
         elif not matches(key, targets):
             continue
