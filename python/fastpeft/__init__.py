@@ -24,6 +24,7 @@ from fastpeft.tuners import (
     PTuningConfig,
     load_config,
 )
+from fastpeft.tuners.lora import add_weighted_adapter
 
 __version__ = "0.1.0"
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "__version__",
     "active_adapters",
     "add_adapter",
+    "add_weighted_adapter",
     "build_info",
     "delete_adapter",
     "disable_adapter",
