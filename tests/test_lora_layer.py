@@ -46,7 +46,8 @@ def _pair(family: str, adapters: dict[str, dict], randomize: bool = True):
     theirs_base = copy.deepcopy(base)
     (first, first_kw), *rest = adapters.items()
     ours = fastpeft.patch(base, fastpeft.LoraConfig(**first_kw), first)
-    theirs = peft.get_peft_model(theirs_base, peft.LoraConfig(**first_kw), adapter_name=first).eval()
+    theirs = peft.get_peft_model(theirs_base, peft.LoraConfig(**first_kw), adapter_name=first)
+    theirs.eval()  # peft's wrappers start in training mode
     for name, kw in rest:
         fastpeft.add_adapter(ours, fastpeft.LoraConfig(**kw), name)
         theirs.add_adapter(name, peft.LoraConfig(**kw))
@@ -87,16 +88,15 @@ def _layers(model) -> dict[str, LoraLinear]:
 CONFIGS = {
     "list": ("llama", dict(target_modules=["q_proj", "v_proj"])),
     "regex": ("llama", dict(target_modules=r"model\.layers\.\d+\.mlp\.(up|down)_proj")),
-    "all-linear": ("llama", dict(target_modules="all-linear")),
     "all-linear-gpt2": ("gpt2", dict(target_modules="all-linear")),
-    "exclude": ("llama", dict(target_modules="all-linear", exclude_modules=["o_proj", "gate_proj"])),
+    "exclude": ("llama", dict(target_modules="all-linear",
+                              exclude_modules=["o_proj", "gate_proj"])),
     "layers": ("llama", dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1],
                              layers_pattern="layers")),
-    "patterns-rslora": ("llama", dict(r=4, lora_alpha=8, use_rslora=True,
-                                      target_modules=["q_proj", "k_proj", "v_proj"],
-                                      rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6},
-                                      alpha_pattern={"k_proj": 3})),
-    "gaussian": ("llama", dict(init_lora_weights="gaussian")),
+    "patterns-rslora": ("llama", dict(
+        r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj"],
+        rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6}, alpha_pattern={"k_proj": 3},
+    )),
     "dora": ("llama", dict(target_modules="all-linear", use_dora=True, r=4, lora_alpha=6)),
     "dora-gpt2": ("gpt2", dict(target_modules="all-linear", use_dora=True)),
     "bias-all": ("gpt2", dict(target_modules=["c_attn"], bias="all")),
@@ -129,7 +129,8 @@ def test_init_true_and_dora_start_as_the_base_model():
     ids = input_ids()
     base = outputs(build("llama"), ids)
     for kw in (dict(), dict(use_dora=True), dict(init_lora_weights="gaussian")):
-        model = fastpeft.patch(build("llama"), fastpeft.LoraConfig(target_modules="all-linear", **kw))
+        config = fastpeft.LoraConfig(target_modules="all-linear", **kw)
+        model = fastpeft.patch(build("llama"), config)
         torch.testing.assert_close(outputs(model, ids), base, atol=ATOL, rtol=0)
         for layer in _layers(model).values():
             a = layer.lora_A["default"].weight
@@ -154,7 +155,8 @@ def test_init_false_is_not_a_no_op():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_dora_magnitude_starts_at_column_norm_like_peft(family):
-    kw = dict(target_modules="all-linear", use_dora=True, init_lora_weights=False, r=4, lora_alpha=8)
+    kw = dict(target_modules="all-linear", use_dora=True, init_lora_weights=False, r=4,
+              lora_alpha=8)
     ours = fastpeft.patch(build(family), fastpeft.LoraConfig(**kw))
     theirs = peft.get_peft_model(build(family), peft.LoraConfig(**kw))
 
@@ -165,8 +167,8 @@ def test_dora_magnitude_starts_at_column_norm_like_peft(family):
         w = layer.base_weight()
         got = layer.lora_magnitude_vector["default"].weight
         assert got.shape == (layer.out_features,)
-        torch.testing.assert_close(got, expected(w, layer.lora_A["default"].weight,
-                                                 layer.lora_B["default"].weight, 2.0), atol=1e-6, rtol=0)
+        want = expected(w, layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
         ref = theirs.base_model.model.get_submodule(key)
         w_ref = ref.base_layer.weight.t() if ref.fan_in_fan_out else ref.base_layer.weight
         torch.testing.assert_close(ref.lora_magnitude_vector["default"].weight,
@@ -189,7 +191,8 @@ def test_dora_dropout_in_training_drops_the_input_of_both_terms():
     w, bias = layer.base_layer.weight, layer.base_layer.bias
     a, b = layer.lora_A["d"].weight, layer.lora_B["d"].weight
     scale = layer.lora_magnitude_vector["d"].weight / torch.linalg.norm(w + 2.0 * (b @ a), dim=1)
-    expected = F.linear(x, w, bias) + (scale - 1) * F.linear(xd, w) + scale * 2.0 * (xd @ a.t() @ b.t())
+    expected = (F.linear(x, w, bias) + (scale - 1) * F.linear(xd, w)
+                + scale * 2.0 * (xd @ a.t() @ b.t()))
     torch.testing.assert_close(y, expected, atol=ATOL, rtol=0)
 
 
@@ -247,8 +250,10 @@ def test_mixed_batch_equals_per_row_runs_and_peft(family):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     ref = theirs(ids, adapter_names=ROWS).logits
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
-    # rows of one adapter really differ from the base (the test can fail)
-    assert (got[2] - got[0]).abs().max() > 1e-3
+    with fastpeft.disable_adapter(ours):
+        base = ours(ids).logits
+    adapted = [i for i, name in enumerate(ROWS) if name != "__base__"]
+    assert ((got - base).abs().amax(dim=(1, 2))[adapted] > 1e-3).all()
     # gradients through lora_linear_multi equal peft's mixed-batch gradients
     for model in (ours, theirs):
         for n, p in model.named_parameters():
@@ -316,17 +321,20 @@ def test_weighted_adapter_matches_peft(combination_type, ranks, weights):
     adapters = {"a": dict(r=ranks[0], lora_alpha=6, target_modules="all-linear"),
                 "b": dict(r=ranks[1], target_modules=["q_proj", "v_proj"], use_rslora=True)}
     ours, theirs = _pair("llama", adapters)
-    fastpeft.add_weighted_adapter(ours, ["a", "b"], weights, "ab", combination_type=combination_type)
+    fastpeft.add_weighted_adapter(ours, ["a", "b"], weights, "ab",
+                                  combination_type=combination_type)
     theirs.add_weighted_adapter(["a", "b"], weights, "ab", combination_type=combination_type)
     new_rank = ranks[0] if combination_type == "linear" else sum(ranks)
     config = fastpeft.patching.state_of(ours).configs["ab"]
     assert (config.r, config.lora_alpha) == (new_rank, new_rank)
     for key, layer in _layers(ours).items():
         ref = theirs.base_model.model.get_submodule(key)
-        torch.testing.assert_close(layer.delta_weight("ab"), ref.get_delta_weight("ab"), atol=ATOL, rtol=0)
+        delta = layer.delta_weight("ab")
+        torch.testing.assert_close(delta, ref.get_delta_weight("ab"), atol=ATOL, rtol=0)
         if combination_type == "cat":  # exact: sum of w_i * scaling_i * B_i A_i
-            exact = sum(w * layer.delta_weight(n) for n, w in zip("ab", weights) if n in layer.lora_A)
-            torch.testing.assert_close(layer.delta_weight("ab"), exact, atol=ATOL, rtol=0)
+            exact = sum(w * layer.delta_weight(n) for n, w in zip("ab", weights)
+                        if n in layer.lora_A)
+            torch.testing.assert_close(delta, exact, atol=ATOL, rtol=0)
     fastpeft.set_adapter(ours, "ab")
     theirs.set_adapter("ab")
     ids = input_ids()
@@ -349,10 +357,13 @@ def test_weighted_adapter_bad_input():
 
 
 MERGE_CASES = {
-    "llama": ("llama", {"a": dict(target_modules="all-linear"), "b": dict(r=2, target_modules=["q_proj"])}),
+    "llama": ("llama", {"a": dict(target_modules="all-linear"),
+                        "b": dict(r=2, target_modules=["q_proj"])}),
     "llama-dora": ("llama", {"a": dict(target_modules="all-linear"),
-                             "b": dict(r=2, target_modules=["q_proj", "down_proj"], use_dora=True)}),
-    "gpt2": ("gpt2", {"a": dict(target_modules="all-linear"), "b": dict(r=2, target_modules=["c_attn"])}),
+                             "b": dict(r=2, target_modules=["q_proj", "down_proj"],
+                                       use_dora=True)}),
+    "gpt2": ("gpt2", {"a": dict(target_modules="all-linear"),
+                      "b": dict(r=2, target_modules=["c_attn"])}),
     "gpt2-dora": ("gpt2", {"a": dict(target_modules="all-linear", use_dora=True),
                            "b": dict(r=2, target_modules=["c_attn"], use_dora=True)}),
 }
@@ -369,7 +380,7 @@ def test_merge_unmerge_and_unload_like_peft(case):
     base_weights = {k: m.base_layer.weight.clone() for k, m in _layers(ours).items()}
 
     fastpeft.merge(ours, unload=False)
-    assert all(m.merged_adapters == ["a", "b"][: len(m.merged_adapters)] and m.merged_adapters
+    assert all(m.merged_adapters == [n for n in ("a", "b") if n in m.lora_A]
                for m in _layers(ours).values())
     torch.testing.assert_close(outputs(ours, ids), before, atol=ATOL, rtol=0)
     fastpeft.unmerge(ours)
@@ -413,7 +424,8 @@ def test_one_training_step_changes_only_lora_parameters():
 def test_bf16_base_model_on_cpu(use_dora):
     fp32 = build("llama")
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    config = fastpeft.LoraConfig(target_modules="all-linear", init_lora_weights=False, use_dora=use_dora)
+    config = fastpeft.LoraConfig(target_modules="all-linear", init_lora_weights=False,
+                                 use_dora=use_dora)
     fastpeft.patch(bf16, config)
     fastpeft.patch(fp32, config)
     fp32.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})

@@ -136,7 +136,8 @@ class LoraLinear(TunerLayer):
             return self.base_layer(x, *args, **kwargs)
         ctx = getattr(self, "_fastpeft_ctx", None)
         if ctx is not None and ctx.row_adapter_ids is not None:
-            return self._mixed_batch_forward(x, ctx.row_adapter_ids, ctx.adapter_order, args, kwargs)
+            return self._mixed_batch_forward(x, ctx.row_adapter_ids, ctx.adapter_order,
+                                             args, kwargs)
         active = [n for n in self.active_adapters if n not in self.merged_adapters]
         # Adapters are applied in order on the running result, as peft does (a DoRA adapter's
         # base output is that result); the first plain LoRA one is fused with the base GEMM.
@@ -159,7 +160,8 @@ class LoraLinear(TunerLayer):
     def _lora_branch(self, name: str, x: torch.Tensor) -> torch.Tensor:
         p = self.lora_dropout[name]
         h = F.dropout(x, p, self.training) if p else x
-        return F.linear(F.linear(h, self.lora_A[name].weight), self.lora_B[name].weight) * self.scaling[name]
+        lora = F.linear(F.linear(h, self.lora_A[name].weight), self.lora_B[name].weight)
+        return lora * self.scaling[name]
 
     def _dora_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """peft's DoRA: result + (m / ||W + s B A||_c - 1) * x W^T + m / ||.||_c * s * x A^T B^T,
@@ -191,7 +193,9 @@ class LoraLinear(TunerLayer):
         used = [order[i] for i in sorted(set(rows.tolist())) if i >= 0 and order[i] in self.lora_A]
         dora = [n for n in used if n in self.lora_magnitude_vector]
         if dora:
-            raise ValueError(f"adapter_ids (a mixed batch) does not support DoRA adapters, got {dora}")
+            raise ValueError(
+                f"adapter_ids (a mixed batch) does not support DoRA adapters, got {dora}"
+            )
         if not used:
             return self.base_layer(x, *args, **kwargs)
         local = torch.full((len(order) + 1,), -1, dtype=torch.long)  # index -1 (base) -> -1
@@ -241,14 +245,20 @@ def add_weighted_adapter(
 
     state = patching.state_of(model)
     if state.peft_type != "LORA":
-        raise ValueError(f"add_weighted_adapter combines LoRA adapters, the model has {state.peft_type}")
+        raise ValueError(
+            f"add_weighted_adapter combines LoRA adapters, the model has {state.peft_type}"
+        )
     adapters = list(adapters)
     weights = [float(w) for w in weights]
     unknown = [a for a in adapters if a not in state.configs]
     if not adapters or unknown:
-        raise ValueError(f"adapters must name existing adapters {list(state.configs)}, got {adapters}")
+        raise ValueError(
+            f"adapters must name existing adapters {list(state.configs)}, got {adapters}"
+        )
     if len(weights) != len(adapters):
-        raise ValueError(f"weights must have one entry per adapter ({len(adapters)}), got {len(weights)}")
+        raise ValueError(
+            f"weights must have one entry per adapter ({len(adapters)}), got {len(weights)}"
+        )
     if adapter_name in state.configs:
         raise ValueError(f"adapter_name {adapter_name!r} already exists; delete_adapter it first")
     if combination_type not in ("linear", "cat"):
