@@ -19,15 +19,6 @@ from fastpeft.tuners.lora import LoraLinear
 ATOL = 1e-5
 
 
-def _perturb(model: torch.nn.Module) -> None:
-    """Non-zero biases everywhere (GPT-2 starts them at zero), so bias handling shows."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
 def _randomize_adapters(model: torch.nn.Module) -> None:
     """Random lora_A / lora_B and magnitudes, so every adapter changes the output."""
     g = torch.Generator().manual_seed(4)
@@ -41,8 +32,7 @@ def _randomize_adapters(model: torch.nn.Module) -> None:
 
 def _pair(family: str, adapters: dict[str, dict], randomize: bool = True):
     """(fastpeft model, peft model) with the same base and adapter weights."""
-    base = build(family)
-    _perturb(base)
+    base = build(family)  # random biases too, so bias handling shows
     theirs_base = copy.deepcopy(base)
     (first, first_kw), *rest = adapters.items()
     ours = fastpeft.patch(base, fastpeft.LoraConfig(**first_kw), first)
