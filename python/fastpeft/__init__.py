@@ -2,6 +2,7 @@
 
 from fastpeft import ops
 from fastpeft._ext import build_info
+from fastpeft.io import load_adapter, save_adapter
 from fastpeft.patching import (
     active_adapters,
     add_adapter,
@@ -42,11 +43,13 @@ __all__ = [
     "delete_adapter",
     "disable_adapter",
     "get_nb_trainable_parameters",
+    "load_adapter",
     "load_config",
     "merge",
     "ops",
     "patch",
     "print_trainable_parameters",
+    "save_adapter",
     "set_adapter",
     "unmerge",
     "unpatch",
