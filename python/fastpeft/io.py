@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable
-
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
 from fastpeft.patching import add_adapter, delete_adapter, is_patched, patch, state_of, unpatch
@@ -69,20 +68,9 @@ def save_adapter(
         os.makedirs(out, exist_ok=True)
         tensors = {k: v.detach().to("cpu", copy=True).contiguous()
                    for k, v in adapter_state_dict(model, name).items()}
-        config = _config_to_save(model, name)
-
-        def write_weights(path: str, tensors=tensors) -> None:
-            from safetensors.torch import save_file
-
-            save_file(tensors, path, metadata={"format": "pt"})
-
-        def write_config(path: str, config=config) -> None:
-            with open(path, "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-                f.write("\n")
-
-        _write_atomic(os.path.join(out, WEIGHTS_NAME), write_weights)
-        _write_atomic(os.path.join(out, CONFIG_NAME), write_config)
+        config = json.dumps(_config_to_save(model, name), indent=2, sort_keys=True) + "\n"
+        _write_atomic(os.path.join(out, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
+        _write_atomic(os.path.join(out, CONFIG_NAME), config.encode())
         written.append(out)
     return written
 
@@ -260,8 +248,6 @@ def _few(keys: list[str], n: int = 5) -> str:
 def _read_weights(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
     path = os.path.join(directory, WEIGHTS_NAME)
     if os.path.isfile(path):
-        from safetensors.torch import load_file
-
         try:
             return path, load_file(path, device="cpu")
         except Exception as e:
@@ -330,14 +316,14 @@ def _config_to_save(model: nn.Module, adapter_name: str) -> dict:
     return d
 
 
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) into a new temporary file next to `path`, then rename it over `path` (a
-    plain new file, so it gets the usual permissions, unlike mkstemp's 0600)."""
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write `data` to a new temporary file next to `path`, then rename it over `path`."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
