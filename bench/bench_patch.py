@@ -129,7 +129,8 @@ def main(argv=None) -> int:
            "peak_fastpeft_over_peft": ratio["peak_mb"],
            "saved_fastpeft_over_peft": ratio["saved_mb"]}
     print(f"{model_name} LoRA all-linear r={RANK} B={batch} T={seq} {dtype} {device}: "
-          f"step peft {res['peft']['median_ms']:.0f} ms, fastpeft {res['fastpeft']['median_ms']:.0f} ms "
+          f"step peft {res['peft']['median_ms']:.0f} ms, "
+          f"fastpeft {res['fastpeft']['median_ms']:.0f} ms "
           f"(time ratio fastpeft/peft {ratio['median_ms']:.3f}); peak MB peft "
           f"{res['peft']['peak_mb']:.1f}, fastpeft {res['fastpeft']['peak_mb']:.1f} "
           f"(peak ratio {ratio['peak_mb']:.3f}); logits check {diff:.1e}", flush=True)

@@ -156,7 +156,8 @@ def test_saved_keys_are_peft_keys(tmp_path):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     assert "base_model.model.lm_head.weight" in ours
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in ours
-    fp_cfg, peft_cfg = (json.loads((tmp_path / d / CONFIG_NAME).read_text()) for d in ("fp", "peft"))
+    fp_cfg, peft_cfg = (json.loads((tmp_path / d / CONFIG_NAME).read_text())
+                        for d in ("fp", "peft"))
     for key, value in fp_cfg.items():
         if key == "target_modules":  # a set in peft: saved in hash order
             value, peft_cfg[key] = sorted(value), sorted(peft_cfg[key])
@@ -191,7 +192,8 @@ def test_round_trip_is_exact(case, tmp_path):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     assert any(p.requires_grad for p in loaded.parameters()), "is_trainable=True trains"
     fastpeft.save_adapter(loaded, tmp_path / "again")
-    first, second = (json.loads((d / CONFIG_NAME).read_text()) for d in (tmp_path, tmp_path / "again"))
+    first, second = (json.loads((d / CONFIG_NAME).read_text())
+                     for d in (tmp_path, tmp_path / "again"))
     assert first == second
 
 
@@ -207,7 +209,8 @@ def test_several_adapters_go_into_subdirectories(tmp_path):
     written = fastpeft.save_adapter(model, tmp_path)
     assert written == [str(tmp_path), str(tmp_path / "other")]
     assert {CONFIG_NAME, WEIGHTS_NAME} <= set(os.listdir(tmp_path / "other"))
-    assert fastpeft.save_adapter(model, tmp_path / "one", "other") == [str(tmp_path / "one" / "other")]
+    one = fastpeft.save_adapter(model, tmp_path / "one", "other")
+    assert one == [str(tmp_path / "one" / "other")]
     ids = input_ids()
     fastpeft.set_adapter(model, "other")
     expected = logits(model.eval(), ids)
@@ -236,6 +239,8 @@ def test_base_model_name_is_written(tmp_path):
 
 PEFT_PROMPT = {
     "prompt_tuning": lambda: peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "prompt_tuning_modules_to_save": lambda: peft.PromptTuningConfig(
+        num_virtual_tokens=3, task_type="CAUSAL_LM", modules_to_save=["lm_head"]),
     "p_tuning": lambda: peft.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=16,
                                                  task_type="CAUSAL_LM"),
     "prefix_gqa": lambda: peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
@@ -247,6 +252,7 @@ PEFT_PROMPT = {
 
 def tweak_prompt(model):
     perturb_(model.prompt_encoder["default"].parameters(), seed=7, std=0.5)
+    perturb_(p for n, p in model.named_parameters() if ".modules_to_save." in n)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -320,6 +326,11 @@ def test_config_of_another_method(lora_dir, tmp_path):
     model = fastpeft.patch(build("llama"), fastpeft.IA3Config())
     assert_load_fails(model, lora_dir, f"{CONFIG_NAME}: peft_type is LORA, but the model carries "
                       "IA3 adapters", adapter_name="second")
+
+
+def test_unknown_method(lora_dir):
+    edit_config(lora_dir, peft_type="LOHA")
+    assert_load_fails(build("llama"), lora_dir, f"{CONFIG_NAME}: peft_type must be one of")
 
 
 def test_config_that_does_not_fit_the_model(lora_dir):

@@ -28,7 +28,7 @@ def test_quick_benchmark_writes_results(op, tmp_path, monkeypatch):
 
 
 def test_quick_patch_benchmark_writes_results(tmp_path, monkeypatch):
-    """bench_patch --quick: fastpeft-patched vs peft on a tiny Llama, the same logits, both ratios."""
+    """bench_patch --quick: fastpeft-patched vs peft on a tiny Llama: same logits, both ratios."""
     monkeypatch.syspath_prepend(str(BENCH))
     module = importlib.import_module("bench_patch")
     assert module.main(["--quick", "--rounds", "1", "--out", str(tmp_path)]) == 0

@@ -212,13 +212,11 @@ def _join(*parts: str) -> str:
 def _load_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
                   weights_path: str) -> None:
     expected = _checkpoint_tensors(model, adapter_name)
+    shapes = {k: tuple(t.shape) for k, t in expected.items() if t is not None}
     if PROMPT_KEY in expected:
         from fastpeft.tuners import prompt
 
-        shapes = {k: tuple(prompt.prompt_embeddings_to_save(model, adapter_name).shape)
-                  if t is None else tuple(t.shape) for k, t in expected.items()}
-    else:
-        shapes = {k: tuple(t.shape) for k, t in expected.items()}
+        shapes[PROMPT_KEY] = tuple(prompt.prompt_embeddings_to_save(model, adapter_name).shape)
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         raise ValueError(f"{weights_path}: {len(unknown)} key(s) match no parameter of the "
@@ -234,8 +232,6 @@ def _load_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.
     with torch.no_grad():
         for key, live in expected.items():
             if live is None:
-                from fastpeft.tuners import prompt
-
                 prompt.load_prompt_embeddings(model, adapter_name, tensors[key])
             else:
                 live.copy_(tensors[key].to(device=live.device, dtype=live.dtype))
@@ -260,7 +256,8 @@ def _read_weights(directory: str) -> tuple[str, dict[str, torch.Tensor]]:
             raise ValueError(f"{bin_path}: not a readable torch state dict ({e})") from None
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor)
                                                     for t in tensors.values()):
-            raise ValueError(f"{bin_path}: expected a dict of tensors, got {type(tensors).__name__}")
+            raise ValueError(f"{bin_path}: expected a dict of tensors, "
+                             f"got {type(tensors).__name__}")
         return bin_path, tensors
     raise FileNotFoundError(f"{path}: missing (nor is there a {WEIGHTS_BIN_NAME})")
 
