@@ -356,6 +356,11 @@ def test_missing_key(lora_dir):
     assert_load_fails(build("llama"), lora_dir, rf"1 key\(s\) .* are missing: {key}")
 
 
+def test_adapter_name_taken(lora_dir):
+    model = fastpeft.patch(build("llama"), fastpeft.LoraConfig(r=2))
+    assert_load_fails(model, lora_dir, "adapter_name: the model already has an adapter 'default'")
+
+
 def test_failed_load_into_patched_model_removes_the_new_adapter(lora_dir):
     model = fastpeft.patch(build("llama"), fastpeft.LoraConfig(r=2))
     edit_weights(lora_dir, lambda t: t.popitem())

@@ -117,6 +117,9 @@ def load_adapter(
     config = load_config(config_path)
     weights_path, tensors = _read_weights(directory)
     was_patched = is_patched(model)
+    if was_patched and adapter_name in state_of(model).configs:
+        raise ValueError(f"adapter_name: the model already has an adapter {adapter_name!r}; "
+                         "pass another adapter_name (or delete_adapter it first)")
     if was_patched and config.peft_type != state_of(model).peft_type:
         raise ValueError(f"{config_path}: peft_type is {config.peft_type}, but the model carries "
                          f"{state_of(model).peft_type} adapters (one method per model)")
