@@ -26,11 +26,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 OP_BENCHMARKS = ("bench_lora_linear.py", "bench_ia3_linear.py", "bench_adapter_bottleneck.py",
                  "bench_prefix_attention.py")
+# fastpeft.patch on the default model against peft.
+MODEL_BENCHMARKS = ("bench_patch.py",)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     extra = (["--quick"] if args.quick else []) + ["--device", args.device]
-    scripts = [f"bench_{args.op}.py"] if args.op else OP_BENCHMARKS
+    scripts = [f"bench_{args.op}.py"] if args.op else OP_BENCHMARKS + MODEL_BENCHMARKS
     status = 0
     for script in scripts:
         status = _run_bench(script, extra) or status
@@ -48,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastpeft", description=fastpeft.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="how fastpeft was built").set_defaults(func=cmd_info)
-    bench = sub.add_parser("bench", help="kernel benchmarks (ratios measured side by side)")
+    bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)")
     bench.add_argument("--suite", choices=["ops"], default="ops")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    bench.add_argument("--op", choices=[s[6:-3] for s in OP_BENCHMARKS], default=None,
-                       help="one op's benchmark (default: all)")
+    bench.add_argument("--op", choices=[s[6:-3] for s in OP_BENCHMARKS + MODEL_BENCHMARKS],
+                       default=None, help="one benchmark (default: all)")
     bench.set_defaults(func=cmd_bench)
     sub.add_parser("demo", help="the main job on the embedded default model").set_defaults(
         func=cmd_demo
