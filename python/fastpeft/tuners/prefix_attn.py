@@ -153,9 +153,9 @@ def prefix_mask(
         return mu.ALL_MASK_ATTENTION_FUNCTIONS[_original(config)](**args)
     plain = mask_function in (None, mu.causal_mask_function, mu.bidirectional_mask_function)
     local = kwargs.get("local_size")
-    if local is not None and not (kv_length <= local and kwargs.get("allow_is_causal_skip", True)
-                                  and not kwargs.get("use_vmap", False)):
-        plain = False  # a sliding window that hides keys, or an overlay on it
+    if local is not None:  # a sliding window: plain causal while it hides no key, and no overlay
+        plain = (kv_length <= local and kwargs.get("allow_is_causal_skip", True)
+                 and not kwargs.get("use_vmap", False))
     same = q_length == kv_length and _is_zero(q_offset) and _is_zero(kv_offset)
     if plain and same:
         if attention_mask is None:
