@@ -105,7 +105,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant):
     encodes = []
     encoder.register_forward_hook(lambda *a: encodes.append(1))
     if reentrant is not None:
-        ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        ours.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         ours.disable_input_require_grads()  # fastpeft needs no embedding hook
     loss = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
@@ -149,7 +150,8 @@ def test_disable_adapter_and_unpatch_give_the_base_model(implementation):
         fastpeft.patch(model, prefix_config())
         assert model.config._attn_implementation == prefix_attn.NAME
         with fastpeft.disable_adapter(model):
-            torch.testing.assert_close(outputs(model, ids, attention_mask=mask), base, atol=0, rtol=0)
+            off = outputs(model, ids, attention_mask=mask)
+        torch.testing.assert_close(off, base, atol=0, rtol=0)
         assert (outputs(model, ids, attention_mask=mask) - base).abs().max() > 1e-3
         fastpeft.unpatch(model)
         assert model.config._attn_implementation == implementation
@@ -162,12 +164,16 @@ def test_misuse_is_an_error():
     with pytest.raises(ValueError, match="ran without the prefix; call the patched model"):
         ours.model(input_ids=input_ids())
     ours.set_attn_implementation("sdpa")
-    with pytest.raises(ValueError, match="needs attn_implementation 'fastpeft_prefix', the model has 'sdpa'"):
+    with pytest.raises(ValueError,
+                       match="needs attn_implementation 'fastpeft_prefix', the model has 'sdpa'"):
         ours(input_ids=input_ids())
-    with pytest.raises(ValueError, match=r"\(num_attention_heads, token_dim\) must be .* \(4, 32\), got \(4, 16\)"):
-        fastpeft.patch(build("gpt2"), fastpeft.PrefixTuningConfig(num_virtual_tokens=2, token_dim=16))
+    with pytest.raises(ValueError, match=r"\(num_attention_heads, token_dim\) must be .* "
+                                         r"\(4, 32\), got \(4, 16\)"):
+        fastpeft.patch(build("gpt2"),
+                       fastpeft.PrefixTuningConfig(num_virtual_tokens=2, token_dim=16))
     with pytest.raises(ValueError, match="num_layers must be the model's 2 layers, got 3"):
-        fastpeft.patch(build("gpt2"), fastpeft.PrefixTuningConfig(num_virtual_tokens=2, num_layers=3))
+        fastpeft.patch(build("gpt2"),
+                       fastpeft.PrefixTuningConfig(num_virtual_tokens=2, num_layers=3))
     with pytest.raises(ValueError, match='init_weights must be None or "zero"'):
         fastpeft.PrefixTuningConfig(num_virtual_tokens=2, init_weights="ones")
 
@@ -182,3 +188,20 @@ def test_zero_init_is_the_base_model_shifted_by_n():
     with torch.no_grad():
         torch.testing.assert_close(outputs(ours2, input_ids()), outputs(reference, input_ids()),
                                    atol=1e-5, rtol=0)
+
+
+def test_bf16_model_keeps_an_fp32_encoder():
+    reference, _ = peft_pair("llama", prefix_config(projection=True))
+    model = build("llama").to(torch.bfloat16)
+    fastpeft.patch(model, prefix_config(projection=True))
+    model.prompt_encoder.default.load_state_dict(reference.prompt_encoder.default.state_dict())
+    assert model.prompt_encoder.default.embedding.weight.dtype == torch.float32  # as peft
+    ids, mask = input_ids(), left_padded_mask()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    assert logits.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = outputs(reference, ids, attention_mask=mask)
+    torch.testing.assert_close(logits.float(), want, atol=0.1, rtol=0.05)
+    logits.float().sum().backward()
+    grad = model.prompt_encoder.default.transform[2].weight.grad
+    assert grad.dtype == torch.float32 and grad.isfinite().all() and grad.abs().sum() > 0

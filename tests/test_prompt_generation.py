@@ -20,7 +20,8 @@ CONFIGS = {
                                                 encoder_hidden_size=16),
     "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
     "prefix_projection": lambda: peft.PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=12),
+        task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=True,
+        encoder_hidden_size=12),
 }
 
 
@@ -45,5 +46,6 @@ def test_peft_generate_disagrees_with_its_own_forward():
     reference, _ = peft_pair("llama", CONFIGS["prompt"]())
     ids, mask = input_ids(batch=3, seq=6, seed=4), left_padded_mask(3, 6)
     want = greedy_reference(reference, ids, mask, STEPS, positions=False)
-    got = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False)
+    got = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS,
+                             do_sample=False)
     assert not torch.equal(got, want)

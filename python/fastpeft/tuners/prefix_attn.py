@@ -71,7 +71,9 @@ class PrefixKV:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < self.num_layers:
-            raise ValueError(f"layer_idx must be in [0, {self.num_layers}) (the prefix's num_layers), got {i}")
+            raise ValueError(
+                f"layer_idx must be in [0, {self.num_layers}) (the prefix's num_layers), got {i}"
+            )
         kv = self.kv
         if not torch.is_grad_enabled():
             if kv.requires_grad:
@@ -187,7 +189,7 @@ def prefix_attention_forward(
     from fastpeft.ops import prefix_attention
 
     pk, pv = prefix.layer(module.layer_idx)
-    pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+    pk, pv = pk.to(query), pv.to(query)  # the model's dtype and this layer's device
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
     if isinstance(scaling, torch.Tensor):

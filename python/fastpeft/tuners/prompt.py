@@ -45,7 +45,9 @@ def _first(d: dict[str, Any], keys: tuple[str, ...], what: str) -> int:
     for k in keys:
         if d.get(k) is not None:
             return d[k]
-    raise ValueError(f"cannot find {what} in the model config (looked for {list(keys)}); set it in the config")
+    raise ValueError(
+        f"cannot find {what} in the model config (looked for {list(keys)}); set it in the config"
+    )
 
 
 def fill_config(model: nn.Module, config: Any) -> None:
@@ -58,7 +60,8 @@ def fill_config(model: nn.Module, config: Any) -> None:
         config.num_layers = layers if layers is not None else _first(
             d, ("num_hidden_layers", "num_layers", "n_layer"), "the number of layers")
     if config.token_dim is None:
-        config.token_dim = _first(d, ("hidden_size", "n_embd", "d_model"), "the hidden size (token_dim)")
+        config.token_dim = _first(d, ("hidden_size", "n_embd", "d_model"),
+                                  "the hidden size (token_dim)")
     if config.num_attention_heads is None:
         config.num_attention_heads = _first(
             d, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
@@ -82,11 +85,14 @@ def _check_config(model: nn.Module, config: Any) -> None:
     if config.peft_type != "PREFIX_TUNING":
         width = model.get_input_embeddings().embedding_dim
         if config.token_dim != width:
-            raise ValueError(f"token_dim must be the model's embedding width {width}, got {config.token_dim}")
+            raise ValueError(
+                f"token_dim must be the model's embedding width {width}, got {config.token_dim}"
+            )
         return
     _, d = _model_config_dict(model)
     layers = _first(d, ("num_hidden_layers", "num_layers", "n_layer"), "the number of layers")
-    heads = _first(d, ("num_attention_heads", "n_head", "num_heads"), "the number of attention heads")
+    heads = _first(d, ("num_attention_heads", "n_head", "num_heads"),
+                   "the number of attention heads")
     hidden = _first(d, ("hidden_size", "n_embd", "d_model"), "the hidden size")
     kv_heads = d.get("num_key_value_heads") or heads
     head_dim = d.get("head_dim") or hidden // heads
@@ -215,7 +221,8 @@ def _positional_names(model: nn.Module) -> list[str]:
 def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     names = _positional_names(model)
     if len(args) > len(names):
-        raise ValueError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+        raise ValueError(f"{type(model).__name__}.forward takes {len(names)} positional "
+                         f"arguments, got {len(args)}")
     for key, value in zip(names, args):
         if key in kwargs:
             raise ValueError(f"{type(model).__name__}.forward got {key!r} twice")
@@ -278,7 +285,7 @@ def prepare_forward(model: nn.Module, state: Any, args: tuple, kwargs: dict) -> 
         return (), kwargs
     if embeds is None:
         embeds = model.get_input_embeddings()(input_ids)
-    prompts = encode(model, name).to(embeds.dtype).expand(batch, -1, -1)
+    prompts = encode(model, name).to(embeds).expand(batch, -1, -1)
     kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
     kwargs["input_ids"] = None
     labels = kwargs.get("labels")

@@ -132,7 +132,9 @@ def build_encoder(config: Any, word_embeddings: nn.Embedding) -> nn.Module:
         return PromptEmbedding(config, word_embeddings)
     total = config.num_virtual_tokens * config.num_transformer_submodules
     if config.peft_type == "P_TUNING":
-        return PromptTable(total, config.token_dim) if config.inference_mode else PromptEncoder(config)
+        if config.inference_mode:
+            return PromptTable(total, config.token_dim)
+        return PromptEncoder(config)
     if config.peft_type == "PREFIX_TUNING":
         if config.inference_mode:
             return PromptTable(config.num_virtual_tokens, config.num_layers * 2 * config.token_dim)
