@@ -21,21 +21,25 @@ from transformers import (
 )
 
 VOCAB = 64
+# No bos / eos / pad ids: a random model would stop generating at a random eos.
+_NO_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
 _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2)
+                   num_attention_heads=4, num_key_value_heads=2, **_NO_TOKENS)
 _BERT_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, num_labels=2)
+                  num_attention_heads=4, max_position_embeddings=64, num_labels=2,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 BUILDERS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**_LLAMA_LIKE)),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**_LLAMA_LIKE)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(sliding_window=4096, **_LLAMA_LIKE)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_LLAMA_LIKE)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(head_dim=8, **_LLAMA_LIKE)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
-                                               n_positions=64, bos_token_id=0, eos_token_id=0)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, **_NO_TOKENS)),
     "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64)),
+        num_attention_heads=4, max_position_embeddings=64, **_NO_TOKENS)),
     "bert": lambda: BertForSequenceClassification(BertConfig(**_BERT_LIKE)),
     "roberta": lambda: RobertaForSequenceClassification(RobertaConfig(
         pad_token_id=1, **{**_BERT_LIKE, "max_position_embeddings": 70})),
@@ -63,10 +67,18 @@ def tiny_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(2, VOCAB, (batch, seq), generator=g)
 
 
-def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def left_padded_mask(batch: int = 2, seq: int = 7) -> torch.Tensor:
+    """Row r has r * 2 padding positions on the left (row 0 none)."""
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for r in range(batch):
+        mask[r, : min(2 * r, seq - 1)] = 0
+    return mask
+
+
+def outputs(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """A causal LM's logits; a classifier's logits and last hidden state, flattened together
     (its few logits barely move)."""
-    out = model(ids, output_hidden_states=True)
+    out = model(input_ids=ids, output_hidden_states=True, **kwargs)
     if out.logits.dim() == 3:
         return out.logits
     return torch.cat([out.logits.flatten(), out.hidden_states[-1].flatten()])

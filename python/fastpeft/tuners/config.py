@@ -18,7 +18,7 @@ CONFIG_NAME = "adapter_config.json"
 # Keys peft writes that carry no meaning for fastpeft (bookkeeping, or off by default).
 _IGNORED_PEFT_KEYS = {
     "peft_version", "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size",
-    "tokenizer_name_or_path", "tokenizer_kwargs", "init_weights", "loftq_config",
+    "init_weights", "loftq_config",
     "ensure_weight_tying", "layer_replication", "num_transformer_submodules",
 }
 
@@ -205,6 +205,12 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
+    init_weights: str | None = None  # "zero": the prefix starts at zero (peft's option)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f'init_weights must be None or "zero", got {self.init_weights!r}')
 
 
 PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -212,15 +218,23 @@ PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
 @dataclass
 class PromptTuningConfig(PromptLearningConfig):
-    """Prompt tuning: trained virtual-token embeddings prepended to the input."""
+    """Prompt tuning: trained virtual-token embeddings prepended to the input.
+
+    prompt_tuning_init "TEXT" starts the virtual tokens at the embeddings of
+    prompt_tuning_init_text, tokenized by tokenizer_name_or_path: a name or directory for
+    transformers' AutoTokenizer (with tokenizer_kwargs), or a tokenizer object (saved as its
+    name_or_path)."""
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
 
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: Any = None
+    tokenizer_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.prompt_tuning_init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)
         if self.prompt_tuning_init not in PROMPT_TUNING_INITS:
             raise ValueError(
                 f"prompt_tuning_init must be one of {PROMPT_TUNING_INITS}, "
@@ -228,6 +242,25 @@ class PromptTuningConfig(PromptLearningConfig):
             )
         if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
             raise ValueError('prompt_tuning_init="TEXT" needs prompt_tuning_init_text')
+        if self.prompt_tuning_init == "TEXT" and not self.tokenizer_name_or_path:
+            raise ValueError(
+                'prompt_tuning_init="TEXT" needs tokenizer_name_or_path (a tokenizer name, '
+                f"directory or object), got {self.tokenizer_name_or_path!r}"
+            )
+        if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":
+            raise ValueError(
+                'tokenizer_kwargs is only used with prompt_tuning_init="TEXT", '
+                f"got prompt_tuning_init={self.prompt_tuning_init!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        tokenizer = self.tokenizer_name_or_path
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+            d["tokenizer_name_or_path"] = getattr(tokenizer, "name_or_path", None) or None
+        elif tokenizer is not None:
+            d["tokenizer_name_or_path"] = os.fspath(tokenizer)
+        return d
 
 
 @dataclass
