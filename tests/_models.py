@@ -57,7 +57,7 @@ def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
-                p.normal_(std=0.1)
+                p.normal_(std=0.02)
     return model
 
 

@@ -71,7 +71,7 @@ def test_encoder_only_model_matches_peft():
     with torch.no_grad():
         want = outputs(reference, ids, attention_mask=mask)
         got = outputs(ours, ids, attention_mask=mask)
-    assert got.shape == (2, N + 7, 32)
+    assert got.shape == (2 * 2 + 2 * (N + 7) * 32,)  # classifier logits + hidden states
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
