@@ -84,6 +84,17 @@ def outputs(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor
     return torch.cat([out.logits.flatten(), out.hidden_states[-1].flatten()])
 
 
+def params_changed_by_one_step(model: torch.nn.Module, lr: float = 0.1) -> set[str]:
+    """Names of the parameters one SGD step on the causal-LM loss changes (train mode)."""
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = tiny_inputs()
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
 # Shorter names some test files use.
 build = tiny_model
 input_ids = tiny_inputs

@@ -340,11 +340,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove every adapter and restore the original modules (and requires_grad flags)."""
-    state_of(model)
-    for m in _layers(model):
-        if isinstance(m, TunerLayer):
-            m.unmerge()
-    return _unload(model, keep_modules_to_save=False)
+    return _unload(unmerge(model), keep_modules_to_save=False)
 
 
 def _unload(model: nn.Module, keep_modules_to_save: bool) -> nn.Module:
