@@ -221,3 +221,19 @@ def test_lora_with_dropout_under_gradient_checkpointing(use_reentrant):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_deepcopy_of_a_patched_model_is_independent():
+    model = fastpeft.patch(tiny_model("llama"), fastpeft.LoraConfig(r=2, init_lora_weights=False))
+    ids = tiny_inputs()
+    expected = outputs(model, ids)
+    twin = copy.deepcopy(model)
+    fastpeft.unpatch(model)  # the twin must not lean on the original's state, hook or generate
+    assert not model._forward_pre_hooks and "generate" not in model.__dict__
+    torch.testing.assert_close(outputs(twin, ids), expected, rtol=0, atol=0)
+    both = twin.generate(ids, adapter_ids=["default", "__base__"], max_new_tokens=2,
+                         do_sample=False)
+    assert both.shape == (2, ids.shape[1] + 2)
+    fastpeft.unpatch(twin)
+    assert not twin._forward_pre_hooks and "generate" not in twin.__dict__
+    torch.testing.assert_close(outputs(twin, ids), outputs(model, ids), rtol=0, atol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,7 @@ class PatchState:
     disabled: bool = False
     ctx: ForwardContext = field(default_factory=ForwardContext)
     requires_grad: dict[str, bool] = field(default_factory=dict)
-    hooks: list[Any] = field(default_factory=list)
-    original_generate: Any = None
+    original_generate: Any = None  # an instance-level generate patch() replaced, if any
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -84,10 +84,12 @@ def patch(model: nn.Module, config: Any, adapter_name: str = "default") -> nn.Mo
     except Exception:
         _unload(model, keep_modules_to_save=False)
         raise
-    state.hooks.append(model.register_forward_pre_hook(_pre_forward, with_kwargs=True, prepend=True))
-    state.original_generate = model.__dict__.get("generate")
+    # Neither the hook nor the generate wrapper closes over the model, so a deepcopy of the
+    # patched model carries working copies of both.
+    model.register_forward_pre_hook(_pre_forward, with_kwargs=True, prepend=True)
     if hasattr(model, "generate"):
-        model.__dict__["generate"] = _generate_with_adapter_ids(model, model.generate)
+        state.original_generate = model.__dict__.get("generate")
+        model.__dict__["generate"] = types.MethodType(_generate_with_adapter_ids, model)
     set_adapter(model, adapter_name)
     swap_causal_lm_loss(model)
     return model
@@ -357,8 +359,10 @@ def _unload(model: nn.Module, keep_modules_to_save: bool) -> nn.Module:
         from fastpeft.tuners import prompt
 
         prompt.remove(model, state)
-    for h in state.hooks:
-        h.remove()
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _pre_forward:
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
     if state.original_generate is None:
         model.__dict__.pop("generate", None)
     else:
@@ -416,17 +420,15 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
-def _generate_with_adapter_ids(model: nn.Module, generate):
-    def generate_(*args, adapter_ids=None, **kwargs):
-        state = model._fastpeft
-        state.ctx.generate_adapter_ids = adapter_ids
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            state.ctx.generate_adapter_ids = None
-
-    generate_.__wrapped__ = generate
-    return generate_
+def _generate_with_adapter_ids(model: nn.Module, *args, adapter_ids=None, **kwargs):
+    """model.generate of a patched model: takes adapter_ids (one adapter per row) like forward."""
+    state = model._fastpeft
+    generate = state.original_generate or type(model).generate.__get__(model)
+    state.ctx.generate_adapter_ids = adapter_ids
+    try:
+        return generate(*args, **kwargs)
+    finally:
+        state.ctx.generate_adapter_ids = None
 
 
 def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
