@@ -23,7 +23,8 @@ def set_backend(name: str) -> None:
 
     "auto": the C++ kernels on the CPU; on CUDA the faster of CUDA C++ and Triton per op.
     "reference": the pure-PyTorch reference (ops/reference.py), the ground truth.
-    "triton": the Triton kernels (on the CPU only under TRITON_INTERPRET=1).
+    "triton": the Triton kernels (on the CPU only under TRITON_INTERPRET=1); ops that have
+        no Triton kernel (the losses) run their C++ kernels.
     "cpp": the C++ kernels (CPU, or CUDA C++ on a GPU), whatever "auto" would pick.
     """
     global _current

@@ -19,6 +19,8 @@ def kernel(name: str, device: torch.device, eager: Callable | None) -> Callable 
     if impl == "reference":
         return None
     _ext.require_extension()
+    if impl == "triton" and not hasattr(torch.ops.fastpeft, name + "_triton"):
+        impl = "cpp"  # an op without a Triton kernel runs its C++ kernel (see set_backend)
     if impl == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -32,9 +34,11 @@ def kernel(name: str, device: torch.device, eager: Callable | None) -> Callable 
     return eager
 
 
-def register(name: str, fake_forward, fake_backward, setup_context, make_backward) -> Callable:
-    """Register fakes and autograd for fastpeft::<name> and fastpeft::<name>_triton, where
-    make_backward(backward_op) builds the autograd backward around the op's backward op.
+def register(name: str, fake_forward, fake_backward, setup_context, make_backward,
+             triton: bool = True) -> Callable:
+    """Register fakes and autograd for fastpeft::<name> and (when `triton`) its Triton twin
+    fastpeft::<name>_triton, where make_backward(backward_op) builds the autograd backward
+    around the op's backward op.
     Returns the eager `apply` of an autograd Function running fastpeft::<name> with the same
     formula, without torch.library's Python autograd layer (tens of us per call)."""
     def setup(ctx, inputs, output):
@@ -54,7 +58,7 @@ def register(name: str, fake_forward, fake_backward, setup_context, make_backwar
 
         return guarded
 
-    for op in (name, name + "_triton"):
+    for op in (name, name + "_triton") if triton else (name,):
         torch.library.register_fake(f"fastpeft::{op}")(fake_forward)
         torch.library.register_fake(f"fastpeft::{op}_backward")(fake_backward)
         backward_op = getattr(torch.ops.fastpeft, op + "_backward").default
