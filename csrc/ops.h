@@ -105,3 +105,28 @@ Grads5 lora_linear_multi_backward_cuda(const Tensor& grad_out, const Tensor& x,
 #endif
 
 }  // namespace fastpeft
+
+// PPO: policy / value loss (loss, stats, d loss / d input), their backward (grad_loss * grad),
+// gae (advantages, returns), masked_whiten (out, stats) and its backward. See torch_bindings.cpp.
+namespace fastpeft {
+#define FASTPEFT_PPO_DECLS(suffix)                                                              \
+  std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_##suffix(                                 \
+      const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,            \
+      const Tensor& mask, const std::optional<Tensor>& ref_logprobs, double clip_low,          \
+      double clip_high, double kl_coef, c10::string_view kl_estimator);                        \
+  std::tuple<Tensor, Tensor, Tensor> ppo_value_loss_##suffix(                                  \
+      const Tensor& values, const Tensor& old_values, const Tensor& returns,                   \
+      const Tensor& mask, double clip);                                                        \
+  Tensor ppo_loss_backward_##suffix(const Tensor& grad_loss, const Tensor& grad);              \
+  std::tuple<Tensor, Tensor> gae_##suffix(const Tensor& rewards, const Tensor& values,         \
+                                          const Tensor& mask, double gamma, double lam);       \
+  std::tuple<Tensor, Tensor> masked_whiten_##suffix(const Tensor& x, const Tensor& mask,       \
+                                                    bool shift_mean);                          \
+  Tensor masked_whiten_backward_##suffix(const Tensor& grad_out, const Tensor& x,              \
+                                         const Tensor& mask, const Tensor& stats,              \
+                                         bool shift_mean);
+FASTPEFT_PPO_DECLS(cpu)
+#ifdef FASTPEFT_WITH_CUDA
+FASTPEFT_PPO_DECLS(cuda)
+#endif
+}  // namespace fastpeft

@@ -94,4 +94,33 @@ TORCH_LIBRARY(fastpeft, m) {
       "prefix_attention_triton_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
       "Tensor prefix_k, Tensor prefix_v, Tensor? attn_mask, Tensor out, Tensor lse, "
       "bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // PPO's clipped surrogate over N tokens (the wrapper flattens), mask bool [N]:
+  //   loss = masked_mean(max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)) + kl_coef * kl),
+  //   r = exp(logprobs - old_logprobs), kl per kl_estimator ("k1", "k2", "k3") against
+  //   ref_logprobs (no KL term when None). Returns (loss [], stats [4] = clipfrac, approx_kl,
+  //   ratio_mean, kl_mean, grad [N] = d loss / d logprobs), all in logprobs' dtype; an empty
+  //   mask gives 0 everywhere. Only logprobs is differentiable.
+  m.def(
+      "ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+      "Tensor? ref_logprobs, float clip_low, float clip_high, float kl_coef, str kl_estimator) "
+      "-> (Tensor, Tensor, Tensor)");
+  // grad_loss * grad (grad saved by the forward).
+  m.def("ppo_policy_loss_backward(Tensor grad_loss, Tensor grad) -> Tensor");
+  // PPO's clipped value loss 0.5 * masked_mean(max((v - R)^2, (clamp(v, old +- clip) - R)^2)):
+  // (loss [], stats [1] = vf_clipfrac, grad [N] = d loss / d values).
+  m.def(
+      "ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("ppo_value_loss_backward(Tensor grad_loss, Tensor grad) -> Tensor");
+  // GAE per row of [B, T] (reverse scan); mask-0 positions get 0 and pass the running advantage
+  // and the next value through. Returns (advantages, returns = advantages + values). No grad.
+  m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  // TRL's masked_whiten over x [N]: (x - mean) * rsqrt(var + 1e-8) (+ mean unless shift_mean),
+  // mean and unbiased var over the mask (divisor max(n - 1, 1)). Returns (out, stats [4] =
+  // mean, rstd, 1 / max(n, 1), 1 / max(n - 1, 1)), stats fp32 (fp64 for fp64 x).
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean) -> (Tensor, Tensor)");
+  m.def(
+      "masked_whiten_backward(Tensor grad_out, Tensor x, Tensor mask, Tensor stats, "
+      "bool shift_mean) -> Tensor");
 }

@@ -7,13 +7,21 @@ from fastpeft.ops.ia3_linear import ia3_linear
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.lora_linear_multi import lora_linear_multi
 from fastpeft.ops.prefix_attention import prefix_attention
+from fastpeft.ops.gae import gae
+from fastpeft.ops.masked_whiten import masked_whiten
+from fastpeft.ops.ppo_policy_loss import ppo_policy_loss
+from fastpeft.ops.ppo_value_loss import ppo_value_loss
 
 __all__ = [
     "adapter_bottleneck",
+    "gae",
     "get_backend",
     "ia3_linear",
     "lora_linear",
     "lora_linear_multi",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "prefix_attention",
     "reference",
     "set_backend",

@@ -176,3 +176,107 @@ def prefix_attention(
     scores = torch.where(any_visible, scores.masked_fill(~visible, float("-inf")), 0.0)
     probs = torch.softmax(scores, -1) * visible
     return probs @ values
+
+
+# ---- PPO: the policy and value losses, GAE and whitening (TRL's formulas) ----------------------
+# A masked mean over an empty mask is 0 (TRL divides by zero and gets NaN): the losses and their
+# stats are then 0 with zero gradients.
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask (bool); 0 when the mask is empty."""
+    n = mask.sum().clamp(min=1)
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / n.to(x.dtype)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(policy || ref) estimators from Schulman's note: k1 = logp - ref,
+    k2 = 0.5 (logp - ref)^2, k3 = exp(ref - logp) - (ref - logp) - 1."""
+    d = logprobs - ref_logprobs
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(-d) + d - 1
+    raise ValueError(f"kl_estimator must be one of k1, k2, k3, got {estimator!r}")
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.2,
+                    ref_logprobs=None, kl_coef=0.0, kl_estimator="k3"):
+    """TRL's clipped surrogate max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)) plus
+    kl_coef * KL(logp, ref) per token, masked token mean. Only logprobs is differentiated
+    (old_logprobs, advantages and ref_logprobs are constants). Returns (loss, stats)."""
+    mask = mask.bool()
+    old, adv = old_logprobs.detach(), advantages.detach()
+    diff = logprobs - old
+    ratio = torch.exp(diff)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(pg1, pg2)
+    if ref_logprobs is not None:
+        kl = kl_estimate(logprobs, ref_logprobs.detach(), kl_estimator)
+        per_token = per_token + kl_coef * kl
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg2 > pg1).to(logprobs.dtype), mask),
+            "approx_kl": 0.5 * masked_mean(diff * diff, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "kl_mean": masked_mean(kl, mask) if ref_logprobs is not None
+            else torch.zeros((), dtype=logprobs.dtype, device=logprobs.device),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
+    """TRL's clipped value loss 0.5 * masked_mean(max((v - R)^2, (clamp(v, old - clip,
+    old + clip) - R)^2)); only values is differentiated. Returns (loss, {"vf_clipfrac"})."""
+    mask = mask.bool()
+    old, ret = old_values.detach(), returns.detach()
+    clipped = torch.maximum(torch.minimum(values, old + clip), old - clip)
+    l1 = (values - ret) ** 2
+    l2 = (clipped - ret) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((l2 > l1).to(values.dtype), mask)
+    return loss, {"vf_clipfrac": clipfrac}
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation, the Python loop over time (as TRL's PPO trainer).
+    rewards / values / mask [..., T]. Positions where mask is 0 are skipped: they get
+    advantage and return 0 and pass the running advantage and next value through unchanged,
+    so with right padding the value after the last valid token is 0 (no bootstrap).
+    Returns (advantages, returns = advantages + values); no gradient."""
+    rewards, values, mask = rewards.detach(), values.detach(), mask.bool()
+    T = rewards.shape[-1]
+    next_value = rewards.new_zeros(rewards.shape[:-1])
+    last = rewards.new_zeros(rewards.shape[:-1])
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(T)):
+        m = mask[..., t]
+        delta = rewards[..., t] + gamma * next_value - values[..., t]
+        last = torch.where(m, delta + gamma * lam * last, last)
+        next_value = torch.where(m, values[..., t], next_value)
+        advantages[..., t] = torch.where(m, last, torch.zeros_like(last))
+    returns = torch.where(mask, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """TRL's masked_whiten: (x - mean) * rsqrt(var + 1e-8) with the mean and the unbiased
+    variance over the masked entries, applied to every entry (the unmasked ones too); with
+    shift_mean=False the mean is added back. The Bessel divisor n - 1 is taken as at least 1
+    (TRL: NaN for n = 1, an error for n = 0), so one entry gives var 0 and an empty mask
+    mean 0, var 0."""
+    mask = mask.bool()
+    n = mask.sum()
+    mean = masked_mean(x, mask)
+    centered = x - mean
+    sq = torch.where(mask, centered * centered, torch.zeros_like(x)).sum()
+    var = sq / (n - 1).clamp(min=1).to(x.dtype)
+    out = centered * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out

@@ -1,0 +1,79 @@
+// CPU ppo_policy_loss (semantics: csrc/torch_bindings.cpp, common/ppo_math.h): one pass over
+// the tokens computes every token's term and d term / d logprobs, the loss and the four stats
+// (chunked partial sums in double, added in a fixed order); the mask count comes first so the
+// gradient is written already divided by it.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "common/ppo_math.h"
+#include "cpu/chunked_sum.h"
+#include "ops.h"
+
+namespace fastpeft {
+
+std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
+    const Tensor& logprobs_in, const Tensor& old_in, const Tensor& adv_in, const Tensor& mask_in,
+    const std::optional<Tensor>& ref_in, double clip_low, double clip_high, double kl_coef,
+    c10::string_view kl_estimator) {
+  check_policy_loss_args(logprobs_in, old_in, adv_in, mask_in, ref_in);
+  TORCH_CHECK(logprobs_in.device().is_cpu(), "fastpeft: ppo_policy_loss_cpu needs CPU tensors, got ",
+              logprobs_in.device());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const KlEstimator est = parse_kl_estimator(
+      std::string_view(kl_estimator.data(), kl_estimator.size()), ref_in.has_value());
+  const Tensor logprobs = logprobs_in.contiguous(), old = old_in.contiguous();
+  const Tensor adv = adv_in.contiguous(), mask = mask_in.contiguous();
+  const Tensor ref = ref_in.has_value() ? ref_in->contiguous() : logprobs;
+  const int64_t N = logprobs.numel();
+  Tensor grad = at::empty({N}, logprobs.options());
+  Tensor loss = at::empty({}, logprobs.options());
+  Tensor stats = at::empty({4}, logprobs.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, logprobs.scalar_type(), "ppo_policy_loss_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t *lp = logprobs.const_data_ptr<scalar_t>(), *op = old.const_data_ptr<scalar_t>();
+    const scalar_t *ap = adv.const_data_ptr<scalar_t>(), *rp = ref.const_data_ptr<scalar_t>();
+    const bool* mp = mask.const_data_ptr<bool>();
+    scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+    const int64_t n = count_true(mp, N);
+    const T inv = n > 0 ? T(1) / T(n) : T(0);
+    const auto s = chunked_sum<5>(N, [&](int64_t b, int64_t e, std::array<double, 5>& acc) {
+      for (int64_t i = b; i < e; ++i) {
+        if (!mp[i]) {
+          gp[i] = scalar_t(0);
+          continue;
+        }
+        const auto p = policy_token<T>(T(lp[i]), T(op[i]), T(ap[i]), T(rp[i]), T(clip_low),
+                                       T(clip_high), T(kl_coef), est);
+        gp[i] = static_cast<scalar_t>(p.dterm * inv);
+        acc[0] += p.term;
+        acc[1] += p.clipped ? 1.0 : 0.0;
+        acc[2] += static_cast<double>(p.diff) * p.diff;
+        acc[3] += p.ratio;
+        acc[4] += p.kl;
+      }
+    });
+    const double dinv = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
+    loss.fill_(s[0] * dinv);
+    scalar_t* st = stats.mutable_data_ptr<scalar_t>();
+    st[0] = static_cast<scalar_t>(s[1] * dinv);
+    st[1] = static_cast<scalar_t>(0.5 * s[2] * dinv);
+    st[2] = static_cast<scalar_t>(s[3] * dinv);
+    st[3] = static_cast<scalar_t>(s[4] * dinv);
+  });
+  return {loss, stats, grad};
+}
+
+Tensor ppo_loss_backward_cpu(const Tensor& grad_loss, const Tensor& grad) {
+  check_loss_backward_args(grad_loss, grad);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return at::mul(grad, grad_loss.reshape({}));
+}
+
+}  // namespace fastpeft
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("ppo_policy_loss", &fastpeft::ppo_policy_loss_cpu);
+  m.impl("ppo_policy_loss_backward", &fastpeft::ppo_loss_backward_cpu);
+}
