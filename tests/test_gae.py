@@ -10,7 +10,8 @@ from _ppo import randn, random_mask, right_padded_mask, trl_gae
 from _tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
-SHAPES = [(4, 37), (1, 577), (3, 1531), (1, 1), (0, 9), (5, 0), (2, 3, 129), (64, 1024)]
+SHAPES = [(4, 37), (1, 577), (3, 1531), (1, 1), (0, 9), (5, 0), (2, 3, 129), (64, 1024),
+          (300, 257)]  # the last: rows split over threads (from 64K elements on)
 
 
 def make_inputs(shape, dtype=torch.float64, seed=0, padding="right"):

@@ -1,5 +1,7 @@
 // Deterministic parallel sums on the CPU: [0, n) split into fixed chunks (independent of the
-// thread count), each chunk's K partial sums in double, added in chunk order.
+// thread count), each chunk's K partial sums in double, added in chunk order. The chunks are
+// large (64K elements): below that, waking the thread pool costs more than the work (and on a
+// loaded machine a whole scheduler tick, ~8 ms measured here for a 0.1 ms job).
 #pragma once
 
 #include <array>
@@ -9,7 +11,7 @@
 
 namespace fastpeft {
 
-constexpr int64_t kSumChunk = 16384;
+constexpr int64_t kSumChunk = 65536;
 
 // f(begin, end, acc) adds its elements' K values to acc (zero-initialised).
 template <int K, typename F>

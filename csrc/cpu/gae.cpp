@@ -1,6 +1,8 @@
 // CPU gae (semantics: csrc/torch_bindings.cpp): rows in parallel, each a sequential reverse scan
 // over T in opmath (fp32 for bf16) that skips mask-0 positions (they get 0 and pass the running
 // advantage and the next value through; the value after the last valid token is 0).
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,7 +31,9 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards_in, const Tensor& value
     const bool* mp = mask.const_data_ptr<bool>();
     scalar_t *ap = adv.mutable_data_ptr<scalar_t>(), *qp = ret.mutable_data_ptr<scalar_t>();
     const T g = T(gamma), gl = T(gamma) * T(lam);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // Rows in parallel from 64K elements on (below, the pool's wake-up costs more than the scan).
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(T_, 1));
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o = b * T_;
         T next_value = 0, last = 0;
