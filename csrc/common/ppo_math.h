@@ -52,9 +52,11 @@ C10_HOST_DEVICE inline PolicyToken<T> policy_token(T logp, T old, T adv, T ref, 
   T clamped = p.ratio < T(1) - clip_low ? T(1) - clip_low : p.ratio;
   clamped = clamped > T(1) + clip_high ? T(1) + clip_high : clamped;
   const T pg2 = -adv * clamped;
+  // Branch-free selects (which branch wins is data-dependent, and mispredicts cost more than
+  // the math): term = max(pg1, pg2), dterm = pg1 unless pg2 is strictly larger.
   p.clipped = pg2 > pg1;
-  p.term = p.clipped ? pg2 : pg1;
-  p.dterm = p.clipped ? T(0) : pg1;
+  p.term = pg2 > pg1 ? pg2 : pg1;
+  p.dterm = pg1 * T(pg2 > pg1 ? 0 : 1);
   p.kl = T(0);
   if (est != KlEstimator::kNone) {
     const T d = logp - ref;

@@ -39,20 +39,27 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
     const int64_t n = count_true(mp, N);
     const T inv = n > 0 ? T(1) / T(n) : T(0);
     const auto s = chunked_sum<5>(N, [&](int64_t b, int64_t e, std::array<double, 5>& acc) {
+      // Local accumulators (kept in registers: acc would be re-read around every store to gp).
+      double term = 0, clipped = 0, sq = 0, ratio = 0, kl = 0;
+      const scalar_t *__restrict__ lpr = lp, *__restrict__ opr = op, *__restrict__ apr = ap;
+      const scalar_t* __restrict__ rpr = rp;
+      const bool* __restrict__ mpr = mp;
+      scalar_t* __restrict__ gpr = gp;
+      const T lo = T(clip_low), hi = T(clip_high), kc = T(kl_coef);
       for (int64_t i = b; i < e; ++i) {
-        if (!mp[i]) {
-          gp[i] = scalar_t(0);
+        if (!mpr[i]) {
+          gpr[i] = scalar_t(0);
           continue;
         }
-        const auto p = policy_token<T>(T(lp[i]), T(op[i]), T(ap[i]), T(rp[i]), T(clip_low),
-                                       T(clip_high), T(kl_coef), est);
-        gp[i] = static_cast<scalar_t>(p.dterm * inv);
-        acc[0] += p.term;
-        acc[1] += p.clipped ? 1.0 : 0.0;
-        acc[2] += static_cast<double>(p.diff) * p.diff;
-        acc[3] += p.ratio;
-        acc[4] += p.kl;
+        const auto p = policy_token<T>(T(lpr[i]), T(opr[i]), T(apr[i]), T(rpr[i]), lo, hi, kc, est);
+        gpr[i] = static_cast<scalar_t>(p.dterm * inv);
+        term += p.term;
+        clipped += p.clipped ? 1.0 : 0.0;
+        sq += static_cast<double>(p.diff) * p.diff;
+        ratio += p.ratio;
+        kl += p.kl;
       }
+      acc = {term, clipped, sq, ratio, kl};
     });
     const double dinv = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
     loss.fill_(s[0] * dinv);
@@ -65,10 +72,23 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
   return {loss, stats, grad};
 }
 
-Tensor ppo_loss_backward_cpu(const Tensor& grad_loss, const Tensor& grad) {
-  check_loss_backward_args(grad_loss, grad);
+// grad_loss * grad, threaded like the forward (from 64K elements on).
+Tensor ppo_loss_backward_cpu(const Tensor& grad_loss, const Tensor& grad_in) {
+  check_loss_backward_args(grad_loss, grad_in);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return at::mul(grad, grad_loss.reshape({}));
+  const Tensor grad = grad_in.contiguous();
+  const int64_t N = grad.numel();
+  Tensor out = at::empty({N}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "ppo_loss_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const T g = T(grad_loss.item<scalar_t>());
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, kSumChunk, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) op[i] = static_cast<scalar_t>(T(gp[i]) * g);
+    });
+  });
+  return out;
 }
 
 }  // namespace fastpeft

@@ -34,6 +34,7 @@ std::tuple<Tensor, Tensor, Tensor> ppo_value_loss_cpu(const Tensor& values_in,
     const int64_t n = count_true(mp, N);
     const T inv = n > 0 ? T(1) / T(n) : T(0);
     const auto s = chunked_sum<2>(N, [&](int64_t b, int64_t e, std::array<double, 2>& acc) {
+      double term = 0, clipped = 0;  // in registers, not re-read around the stores to gp
       for (int64_t i = b; i < e; ++i) {
         if (!mp[i]) {
           gp[i] = scalar_t(0);
@@ -41,9 +42,10 @@ std::tuple<Tensor, Tensor, Tensor> ppo_value_loss_cpu(const Tensor& values_in,
         }
         const auto p = value_token<T>(T(vp[i]), T(op[i]), T(rp[i]), T(clip));
         gp[i] = static_cast<scalar_t>(p.dterm * inv);
-        acc[0] += p.term;
-        acc[1] += p.clipped ? 1.0 : 0.0;
+        term += p.term;
+        clipped += p.clipped ? 1.0 : 0.0;
       }
+      acc = {term, clipped};
     });
     const double dinv = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
     loss.fill_(0.5 * s[0] * dinv);
