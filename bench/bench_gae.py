@@ -3,7 +3,8 @@
 The loop is TRL's PPOTrainer advantage loop (vectorised over rows, one step per token, as
 trainers run it); the masked reference loop (fastpeft.ops.reference.gae: the same recursion,
 skipping mask-0 positions) is timed too. Target: at least 20x faster than the Python loop at
-[64, 1024] on the CPU. Medians of interleaved rounds (bench/_common.py); gae has no backward,
+[64, 1024] on the CPU. Medians of interleaved rounds (bench/_common.py), one thread by default
+(FASTPEFT_BENCH_THREADS); gae has no backward,
 so nothing is saved for one (saved_mb 0).
 
     python bench/bench_gae.py [--device cpu|cuda] [--quick] [--out DIR]
@@ -11,6 +12,7 @@ so nothing is saved for one (saved_mb 0).
 
 import random
 import statistics
+import os
 import sys
 import time
 
@@ -65,6 +67,11 @@ def main(argv=None) -> int:
     if args is None:
         return 2
     device = args.device
+    # One thread unless FASTPEFT_BENCH_THREADS says otherwise: these passes are a few hundred
+    # microseconds, and on a shared 2-core machine every parallel region (the unfused path's
+    # ATen ops go parallel from 32K elements) can wait a whole scheduler tick (~8 ms measured)
+    # for its second thread, which swamps what is being measured.
+    torch.set_num_threads(int(os.environ.get("FASTPEFT_BENCH_THREADS", "1")))
     dtype = torch.float32  # the loop runs in fp32 in trainers; bf16 rewards are rare
     shapes = SHAPES[:1] if args.quick else SHAPES
     rounds = args.rounds or (3 if args.quick else 11)

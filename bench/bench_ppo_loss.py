@@ -5,11 +5,13 @@ masked mean, stats, then autograd's backward through all of them).
 Forward+backward of the loss over [B, T] tokens with right-padded masks, the stats computed
 by both (TRL logs them every step). "saved" is what autograd keeps for the backward beyond the
 inputs themselves (fastpeft: the one [N] gradient). Timing and memory columns as described in
-bench/_common.py.
+bench/_common.py;
+one thread by default (FASTPEFT_BENCH_THREADS; see main).
 
     python bench/bench_ppo_loss.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
+import os
 import sys
 
 import torch
@@ -48,6 +50,11 @@ def main(argv=None) -> int:
     if args is None:
         return 2
     device = args.device
+    # One thread unless FASTPEFT_BENCH_THREADS says otherwise: these passes are a few hundred
+    # microseconds, and on a shared 2-core machine every parallel region (the unfused path's
+    # ATen ops go parallel from 32K elements) can wait a whole scheduler tick (~8 ms measured)
+    # for its second thread, which swamps what is being measured.
+    torch.set_num_threads(int(os.environ.get("FASTPEFT_BENCH_THREADS", "1")))
     dtype = torch.float32
     shapes = SHAPES[:1] if args.quick else SHAPES
     cases = CASES[:2] if args.quick else CASES
