@@ -5,8 +5,7 @@ masked mean, stats, then autograd's backward through all of them).
 Forward+backward of the loss over [B, T] tokens with right-padded masks, the stats computed
 by both (TRL logs them every step). "saved" is what autograd keeps for the backward beyond the
 inputs themselves (fastpeft: the one [N] gradient). Timing and memory columns as described in
-bench/_common.py;
-one thread by default (FASTPEFT_BENCH_THREADS; see main).
+bench/_common.py; one thread by default (FASTPEFT_BENCH_THREADS; see main).
 
     python bench/bench_ppo_loss.py [--device cpu|cuda] [--quick] [--out DIR]
 """
