@@ -94,4 +94,18 @@ TORCH_LIBRARY(fastpeft, m) {
       "prefix_attention_triton_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
       "Tensor prefix_k, Tensor prefix_v, Tensor? attn_mask, Tensor out, Tensor lse, "
       "bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Log-probs of chosen tokens without a [N, V] log-softmax. logits [N, V], tokens [N] int64 in
+  // [0, V); z = logits / temperature. Returns (logp [N], entropy [N] or [0] when
+  // !return_entropy, stats [N, 2]): logp = z[token] - logsumexp(z), entropy = -sum p log p, both
+  // in logits' dtype (computed in fp32; fp64 for fp64); stats fp32 (fp64 for fp64) holds
+  // (logsumexp(z), E_p[z]) per row, all the backward keeps besides logits and tokens.
+  m.def(
+      "token_logprobs(Tensor logits, Tensor tokens, float temperature, bool return_entropy) "
+      "-> (Tensor, Tensor, Tensor)");
+  // grad_logits = ((onehot(token) - p) grad_logp - p (z - E_p[z]) grad_entropy) / temperature,
+  // p recomputed from the saved logsumexp. grad_entropy: [N] or None.
+  m.def(
+      "token_logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, "
+      "Tensor tokens, Tensor stats, float temperature) -> Tensor");
 }

@@ -7,6 +7,7 @@ from fastpeft.ops.ia3_linear import ia3_linear
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.lora_linear_multi import lora_linear_multi
 from fastpeft.ops.prefix_attention import prefix_attention
+from fastpeft.ops.token_logprobs import token_logprobs
 
 __all__ = [
     "adapter_bottleneck",
@@ -17,5 +18,6 @@ __all__ = [
     "prefix_attention",
     "reference",
     "set_backend",
+    "token_logprobs",
     "use_backend",
 ]
