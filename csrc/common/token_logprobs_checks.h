@@ -23,7 +23,7 @@ inline void check_token_logprobs_args(const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(temperature > 0, "fastpeft: temperature must be > 0, got ", temperature);
 }
 
-// The backward's extra tensors: grad_logp [N] (and grad_entropy [N]) like logits, stats [N, 2].
+// The backward's extra tensors: grad_logp [N] (and grad_entropy [N]) like logits, stats [N, 3].
 inline void check_token_logprobs_backward_args(const at::Tensor& grad_logp,
                                                const std::optional<at::Tensor>& grad_entropy,
                                                const at::Tensor& logits,
@@ -43,8 +43,8 @@ inline void check_token_logprobs_backward_args(const at::Tensor& grad_logp,
   TORCH_CHECK(stats.device() == logits.device() && stats.scalar_type() == acc,
               "fastpeft: stats must be ", acc, " on ", logits.device(), ", got ",
               stats.scalar_type(), " on ", stats.device());
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 2,
-              "fastpeft: stats must be [", N, ", 2], got ", stats.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == 3,
+              "fastpeft: stats must be [", N, ", 3], got ", stats.sizes());
 }
 
 }  // namespace fastpeft

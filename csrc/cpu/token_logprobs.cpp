@@ -1,14 +1,16 @@
 // CPU token_logprobs forward and backward (semantics: csrc/torch_bindings.cpp, ops.h).
 //
 // Rows run in parallel (at::parallel_for). Each row is read once from memory in blocks of kB
-// values: a block is scaled by 1 / temperature into an L1 buffer of the accumulation type
-// (fp32; fp64 for fp64 logits), its max taken, and the running (max m, sum s = sum exp(z - m),
-// t = sum exp(z - m) (z - m)) rescaled and extended (an online log-sum-exp over blocks: one
-// exp per value). Then lse = m + log s, E_p[z] = m + t / s, entropy = log s - t / s.
-// Backward: per block p = exp(z - lse) and
-//   grad_z = -p (g_logp + g_entropy (z - E_p[z])) + g_logp onehot(token),
-// grad_logits = grad_z / temperature, written in logits' dtype. Only (lse, E_p[z]) per row is
-// kept besides the logits. The row passes use 64-byte GCC vectors in functions cloned per ISA
+// values: a block is copied into an L1 buffer of the accumulation type (fp32; fp64 for fp64
+// logits), its max taken, and the running (max m of the raw logits, s = sum exp(d),
+// t = sum exp(d) d with d = (z - m) / temperature) rescaled and extended: an online
+// log-sum-exp over blocks, one exp per value. z - m is exact near the max, so the row's
+// numbers do not lose the bits a large common offset / temperature would cost.
+// Then logp = (z[token] - m) / T - log s, entropy = log s - t / s; stats keeps (m, log s, t / s).
+// Backward: per block d = (z - m) / T, p = exp(d - log s) and
+//   grad_z' = -p (g_logp + g_entropy (d - t / s)) + g_logp onehot(token),
+// grad_logits = grad_z' / T, written in logits' dtype. Only the three stats per row are kept
+// besides the logits. The row passes use 64-byte GCC vectors in functions cloned per ISA
 // (as cpu/prefix_attention.cpp, whose Cephes exp this repeats).
 #include <algorithm>
 #include <cmath>
@@ -102,20 +104,17 @@ __attribute__((always_inline)) inline double to_acc<double, double>(double v) {
   return v;
 }
 
-// buf[0, n) = src[0, n) * inv_t, padded with -inf up to the vector width; returns the padded
-// length.
+// buf[0, n) = src[0, n), padded with -inf up to the vector width; returns the padded length.
 template <typename S, typename T>
-__attribute__((always_inline)) inline int64_t load_block(const S* src, int64_t n, T inv_t,
-                                                         T* buf) {
+__attribute__((always_inline)) inline int64_t load_block(const S* src, int64_t n, T* buf) {
   constexpr int64_t W = 64 / sizeof(T);
-  for (int64_t i = 0; i < n; ++i) buf[i] = to_acc<S, T>(src[i]) * inv_t;
+  for (int64_t i = 0; i < n; ++i) buf[i] = to_acc<S, T>(src[i]);
   const int64_t np = (n + W - 1) / W * W;
   for (int64_t i = n; i < np; ++i) buf[i] = -std::numeric_limits<T>::infinity();
   return np;
 }
 
-// One row's forward: out = (lse, E_p[z], entropy) of z = src * inv_t. E_p[z] and the entropy
-// only when kEntropy (else 0).
+// One row's forward: out = (m, log s, t / s) (t / s only when kEntropy, else 0).
 template <bool kEntropy, typename S, typename T>
 __attribute__((always_inline)) inline void fwd_row_body(const S* src, int64_t V, T inv_t,
                                                         T* out) {
@@ -125,7 +124,7 @@ __attribute__((always_inline)) inline void fwd_row_body(const S* src, int64_t V,
   const Vec<T> lowest = Vec<T>{} + std::numeric_limits<T>::lowest();
   T m = ninf, s = 0, t = 0;
   for (int64_t j0 = 0; j0 < V; j0 += kB) {
-    const int64_t np = load_block(src + j0, std::min(kB, V - j0), inv_t, buf);
+    const int64_t np = load_block(src + j0, std::min(kB, V - j0), buf);
     Vec<T> mv = Vec<T>{} + ninf;
     for (int64_t c = 0; c < np; c += W) {
       const Vec<T> x = load64(buf + c);
@@ -133,16 +132,17 @@ __attribute__((always_inline)) inline void fwd_row_body(const S* src, int64_t V,
     }
     const T mnew = std::max(m, hmax<T>(mv));
     if (mnew == ninf) continue;  // everything so far is -inf
-    if (s > 0) {                 // rescale to the new max: t is relative to m
-      const T alpha = std::exp(m - mnew);
-      if constexpr (kEntropy) t = alpha * (t + s * (m - mnew));
+    if (s > 0 && mnew > m) {     // rescale to the new max: t is relative to m
+      const T dm = (m - mnew) * inv_t;
+      const T alpha = std::exp(dm);
+      if constexpr (kEntropy) t = alpha * (t + s * dm);
       s *= alpha;
     }
     m = mnew;
-    const Vec<T> mvec = Vec<T>{} + m;
+    const Vec<T> mvec = Vec<T>{} + m, itv = Vec<T>{} + inv_t;
     Vec<T> sv{}, tv{};
     for (int64_t c = 0; c < np; c += W) {
-      const Vec<T> d = load64(buf + c) - mvec;
+      const Vec<T> d = (load64(buf + c) - mvec) * itv;
       const Vec<T> e = vexp(d);
       sv += e;
       if constexpr (kEntropy) tv += e * (d < lowest ? lowest : d);  // 0 * -inf -> 0
@@ -150,29 +150,31 @@ __attribute__((always_inline)) inline void fwd_row_body(const S* src, int64_t V,
     s += hsum<T>(sv);
     if constexpr (kEntropy) t += hsum<T>(tv);
   }
-  out[0] = m + std::log(s);
-  out[1] = kEntropy ? m + t / s : T(0);
-  out[2] = kEntropy ? std::log(s) - t / s : T(0);
+  out[0] = m;
+  out[1] = std::log(s);
+  out[2] = kEntropy ? t / s : T(0);
 }
 
-// One row's backward: dst = (-p (gl + gh (z - e)) + gl onehot(tok)) * inv_t, p = exp(z - lse).
+// One row's backward: dst = (-p (gl + gh (d - e)) + gl onehot(tok)) * inv_t with
+// d = (z - m) * inv_t, p = exp(d - log_s).
 template <bool kEntropy, typename S, typename T>
 __attribute__((always_inline)) inline void bwd_row_body(const S* src, int64_t V, int64_t tok,
-                                                        T inv_t, T gl, T gh, T lse, T e,
+                                                        T inv_t, T gl, T gh, T m, T log_s, T e,
                                                         S* dst) {
   constexpr int64_t W = 64 / sizeof(T);
   alignas(64) T buf[kB];
-  const Vec<T> lsev = Vec<T>{} + lse, ev = Vec<T>{} + e, glv = Vec<T>{} + gl,
-               ghv = Vec<T>{} + gh, itv = Vec<T>{} + inv_t;
+  const Vec<T> mv = Vec<T>{} + m, lsv = Vec<T>{} + log_s, ev = Vec<T>{} + e,
+               glv = Vec<T>{} + gl, ghv = Vec<T>{} + gh, itv = Vec<T>{} + inv_t;
   for (int64_t j0 = 0; j0 < V; j0 += kB) {
     const int64_t n = std::min(kB, V - j0);
-    const int64_t np = load_block(src + j0, n, inv_t, buf);
+    const int64_t np = load_block(src + j0, n, buf);
     for (int64_t c = 0; c < np; c += W) {
-      const Vec<T> z = load64(buf + c);
-      const Vec<T> p = vexp(z - lsev);
+      const Vec<T> d = (load64(buf + c) - mv) * itv;
+      const Vec<T> p = vexp(d - lsv);
       Vec<T> coef = glv;
-      if constexpr (kEntropy) coef += ghv * (z - ev);
-      store64(buf + c, Vec<T>{} - p * coef * itv);
+      if constexpr (kEntropy) coef += ghv * (d - ev);
+      const Vec<T> g = Vec<T>{} - p * coef * itv;
+      store64(buf + c, p > Vec<T>{} ? g : Vec<T>{});  // -inf logits: 0, not 0 * inf
     }
     if (tok >= j0 && tok < j0 + n) buf[tok - j0] += gl * inv_t;
     if constexpr (std::is_same_v<S, T>) {
@@ -193,11 +195,11 @@ __attribute__((always_inline)) inline void bwd_row_body(const S* src, int64_t V,
     }                                                                                        \
   }                                                                                          \
   CLONES static void bwd_row(const S* src, int64_t V, int64_t tok, T inv_t, T gl, T gh,      \
-                             bool entropy, T lse, T e, S* dst) {                             \
+                             bool entropy, const T* st, S* dst) {                            \
     if (entropy) {                                                                           \
-      bwd_row_body<true, S, T>(src, V, tok, inv_t, gl, gh, lse, e, dst);                     \
+      bwd_row_body<true, S, T>(src, V, tok, inv_t, gl, gh, st[0], st[1], st[2], dst);        \
     } else {                                                                                 \
-      bwd_row_body<false, S, T>(src, V, tok, inv_t, gl, gh, lse, e, dst);                    \
+      bwd_row_body<false, S, T>(src, V, tok, inv_t, gl, gh, st[0], st[1], st[2], dst);       \
     }                                                                                        \
   }
 FASTPEFT_TL_ROW_FNS(float, float, FASTPEFT_TL_CLONES)
@@ -238,7 +240,7 @@ std::tuple<Tensor, Tensor, Tensor> token_logprobs_cpu(const Tensor& logits_in,
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor logp = at::empty({N}, logits.options());
   Tensor entropy = at::empty({return_entropy ? N : 0}, logits.options());
-  Tensor stats = at::empty({N, 2}, logits.options().dtype(acc));
+  Tensor stats = at::empty({N, 3}, logits.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, logits.scalar_type(), "token_logprobs_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* z = logits.data_ptr<scalar_t>();
@@ -250,12 +252,11 @@ std::tuple<Tensor, Tensor, Tensor> token_logprobs_cpu(const Tensor& logits_in,
     at::parallel_for(0, N, grain(V), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = z + r * V;
-        T out[3];
+        T* out = st + 3 * r;
         fwd_row(row, V, inv_t, return_entropy, out);
-        lp[r] = static_cast<scalar_t>(to_acc<scalar_t, T>(row[tok[r]]) * inv_t - out[0]);
-        if (return_entropy) ent[r] = static_cast<scalar_t>(out[2]);
-        st[2 * r] = out[0];
-        st[2 * r + 1] = out[1];
+        lp[r] = static_cast<scalar_t>((to_acc<scalar_t, T>(row[tok[r]]) - out[0]) * inv_t -
+                                      out[1]);
+        if (return_entropy) ent[r] = static_cast<scalar_t>(out[1] - out[2]);
       }
     });
   });
@@ -292,8 +293,8 @@ Tensor token_logprobs_backward_cpu(const Tensor& grad_logp_in,
           for (int64_t r = r0; r < r1; ++r) {
             const T glr = to_acc<scalar_t, T>(gl[r]);
             const T ghr = has_ge ? to_acc<scalar_t, T>(gh[r]) : T(0);
-            bwd_row(z + r * V, V, tok[r], inv_t, glr, ghr, has_ge && ghr != T(0), st[2 * r],
-                    st[2 * r + 1], out + r * V);
+            bwd_row(z + r * V, V, tok[r], inv_t, glr, ghr, has_ge && ghr != T(0), st + 3 * r,
+                    out + r * V);
           }
         });
       });

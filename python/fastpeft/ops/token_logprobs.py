@@ -59,7 +59,7 @@ def token_logprobs(
 
     Returns logp [...] (and entropy [...]) in the logits' dtype, computed in fp32 (fp64 for fp64
     logits), as TRL's selective_log_softmax returns the logits' dtype. The backward keeps only
-    the logits and two fp32 numbers per row (log-sum-exp and E_p[logits / temperature]); the
+    the logits and three fp32 numbers per row (max, log-sum-exp, and E_p[logits / temperature]); the
     unfused log_softmax + gather keeps a second [..., V] tensor.
     """
     _check_args(logits, tokens, temperature, return_entropy)
@@ -81,7 +81,7 @@ def _fake_forward(logits, tokens, temperature, return_entropy):
     n = logits.shape[0]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return (logits.new_empty(n), logits.new_empty(n if return_entropy else 0),
-            logits.new_empty(n, 2, dtype=acc))
+            logits.new_empty(n, 3, dtype=acc))
 
 
 def _fake_backward(grad_logp, grad_entropy, logits, tokens, stats, temperature):
