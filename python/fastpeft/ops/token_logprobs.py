@@ -33,7 +33,7 @@ def _check_args(logits, tokens, temperature, return_entropy) -> None:
         raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     # On the CPU an out-of-range token is an error here (and in the C++ kernel). On CUDA this
     # check would cost a device sync per call: the CUDA kernel writes NaN for such a row instead.
-    if (tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling()):
+    if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(tokens)
         if lo.item() < 0 or hi.item() >= logits.shape[-1]:
             bad = lo.item() if lo.item() < 0 else hi.item()
@@ -59,8 +59,8 @@ def token_logprobs(
 
     Returns logp [...] (and entropy [...]) in the logits' dtype, computed in fp32 (fp64 for fp64
     logits), as TRL's selective_log_softmax returns the logits' dtype. The backward keeps only
-    the logits and three fp32 numbers per row (max, log-sum-exp, and E_p[logits / temperature]); the
-    unfused log_softmax + gather keeps a second [..., V] tensor.
+    the logits and three fp32 numbers per row (the max logit, the log-sum-exp and the mean of
+    the scaled logits under p); the unfused log_softmax + gather keeps a second [..., V] tensor.
     """
     _check_args(logits, tokens, temperature, return_entropy)
     op = _dispatch.kernel("token_logprobs", logits.device, _eager)
