@@ -9,6 +9,7 @@ from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.lora_linear_multi import lora_linear_multi
 from fastpeft.ops.pairwise_reward_loss import pairwise_reward_loss
 from fastpeft.ops.prefix_attention import prefix_attention
+from fastpeft.ops.token_logprobs import token_logprobs
 
 __all__ = [
     "adapter_bottleneck",
@@ -21,5 +22,6 @@ __all__ = [
     "prefix_attention",
     "reference",
     "set_backend",
+    "token_logprobs",
     "use_backend",
 ]
