@@ -21,33 +21,12 @@ import sys
 
 import torch
 
-from _common import measure, parse_args, write_results
+from _common import measure, parse_args, peak_mb, write_results
 from fastpeft.ops import reference, token_logprobs
 
 CPU_SHAPES = [(4, 256, 49152)]
 CUDA_SHAPES = [(4, 256, 49152), (4, 1024, 128256)]
 QUICK_SHAPE = (2, 32, 4099)
-
-
-def peak_mb(fn, device: str) -> float:
-    """Peak bytes allocated by torch during fn() above those held before it, in MB."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    held = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        held += e.nbytes()  # + for an allocation, - for a free
-        peak = max(peak, held)
-    return peak / 2**20
 
 
 def unfused(logits, tokens):

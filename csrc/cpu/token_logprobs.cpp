@@ -24,74 +24,18 @@
 #include <torch/library.h>
 
 #include "common/token_logprobs_checks.h"
+#include "cpu/vec64.h"
 #include "ops.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
-#define FASTPEFT_TL_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define FASTPEFT_TL_CLONES
-#endif
 
 namespace fastpeft {
 namespace {
 
-template <typename T>
-struct Vec64 {
-  typedef T type __attribute__((vector_size(64)));
-};
-template <typename T>
-using Vec = typename Vec64<T>::type;
-
-template <typename T>
-__attribute__((always_inline)) inline Vec<T> load64(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-__attribute__((always_inline)) inline void store64(T* p, Vec<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// exp on one vector. fp32: Cephes' expf (~1 ulp) for x >= -87, 0 below (and for -inf).
-// fp64 (the testing dtype): std::exp.
-__attribute__((always_inline)) inline Vec<float> vexp(Vec<float> x) {
-  using VI = Vec<int32_t>;
-  const Vec<float> lo = Vec<float>{} - 87.0f;
-  const Vec<float> xc = x < lo ? lo : x;
-  const Vec<float> t = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round to int
-  const Vec<float> nf = t - 12582912.0f;
-  const Vec<float> r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
-  const Vec<float> r2 = r * r;
-  Vec<float> p = Vec<float>{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const VI n = __builtin_bit_cast(VI, t) - 0x4B400000;
-  const VI bits = (n + 127) << 23;
-  const Vec<float> res = p * __builtin_bit_cast(Vec<float>, bits);
-  return x < lo ? Vec<float>{} : res;
-}
-__attribute__((always_inline)) inline Vec<double> vexp(Vec<double> x) {
-  for (int i = 0; i < 8; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
-
-template <typename T>
-__attribute__((always_inline)) inline T hsum(Vec<T> v) {
-  T r = 0;
-  for (int i = 0; i < static_cast<int>(64 / sizeof(T)); ++i) r += v[i];
-  return r;
-}
-template <typename T>
-__attribute__((always_inline)) inline T hmax(Vec<T> v) {
-  T r = v[0];
-  for (int i = 1; i < static_cast<int>(64 / sizeof(T)); ++i) r = std::max(r, v[i]);
-  return r;
-}
+using vec64::hmax;
+using vec64::hsum;
+using vec64::load64;
+using vec64::store64;
+using vec64::Vec;
+using vec64::vexp;
 
 constexpr int64_t kB = 1024;  // values per block (a multiple of every vector width)
 
@@ -202,8 +146,8 @@ __attribute__((always_inline)) inline void bwd_row_body(const S* src, int64_t V,
       bwd_row_body<false, S, T>(src, V, tok, inv_t, gl, gh, st[0], st[1], st[2], dst);       \
     }                                                                                        \
   }
-FASTPEFT_TL_ROW_FNS(float, float, FASTPEFT_TL_CLONES)
-FASTPEFT_TL_ROW_FNS(c10::BFloat16, float, FASTPEFT_TL_CLONES)
+FASTPEFT_TL_ROW_FNS(float, float, FASTPEFT_CPU_CLONES)
+FASTPEFT_TL_ROW_FNS(c10::BFloat16, float, FASTPEFT_CPU_CLONES)
 FASTPEFT_TL_ROW_FNS(double, double, )
 #undef FASTPEFT_TL_ROW_FNS
 
