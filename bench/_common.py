@@ -91,6 +91,29 @@ def measure(providers, params, grad, weights, device, rounds, inner):
     return result
 
 
+def peak_mb(fn, device: str) -> float:
+    """Peak bytes allocated by torch during fn() above those held before it, in MB (CUDA:
+    max_memory_allocated; CPU: torch.profiler's allocation and free events summed in time
+    order, which counts every tensor but not memory libraries take outside torch)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()  # + for an allocation, - for a free
+        peak = max(peak, held)
+    return peak / 2**20
+
+
 def write_results(op, device, quick, rounds, rows, header, table_rows, out_dir=None, note=""):
     """bench/results/<op>_<device>[_quick].{json,md}; returns the markdown text."""
     meta = {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -27,7 +27,7 @@ import sys
 import torch
 
 import fastpeft
-from _common import measure, parse_args, write_results
+from _common import measure, parse_args, peak_mb, write_results
 
 RANK, ALPHA, DROPOUT = 16, 32, 0.05
 BATCH, SEQ = 4, 256
@@ -73,27 +73,6 @@ def check_same_logits(peft_model, fast_model, ids) -> float:
         diff = (peft_model(input_ids=ids).logits - fast_model(input_ids=ids).logits).abs().max()
     peft_model.train(), fast_model.train()
     return float(diff)
-
-
-def peak_mb(fn, device: str) -> float:
-    """Peak bytes allocated by torch during fn() above those held before it, in MB."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    held = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        held += e.nbytes()  # + for an allocation, - for a free
-        peak = max(peak, held)
-    return peak / 2**20
 
 
 def main(argv=None) -> int:

@@ -104,6 +104,18 @@ Grads5 lora_linear_multi_backward_cuda(const Tensor& grad_out, const Tensor& x,
                                        std::array<bool, 5> output_mask);
 #endif
 
+// token_logprobs (see torch_bindings.cpp): (logp, entropy, stats) and grad_logits.
+#define FASTPEFT_TOKEN_LOGPROBS_DECLS(suffix)                                                  \
+  std::tuple<Tensor, Tensor, Tensor> token_logprobs_##suffix(                                  \
+      const Tensor& logits, const Tensor& tokens, double temperature, bool return_entropy);    \
+  Tensor token_logprobs_backward_##suffix(                                                     \
+      const Tensor& grad_logp, const std::optional<Tensor>& grad_entropy, const Tensor& logits, \
+      const Tensor& tokens, const Tensor& stats, double temperature);
+FASTPEFT_TOKEN_LOGPROBS_DECLS(cpu)
+#ifdef FASTPEFT_WITH_CUDA
+FASTPEFT_TOKEN_LOGPROBS_DECLS(cuda)
+#endif
+
 }  // namespace fastpeft
 
 // PPO: policy / value loss (loss, stats, d loss / d input), their backward (grad_loss * grad),

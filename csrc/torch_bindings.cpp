@@ -95,6 +95,21 @@ TORCH_LIBRARY(fastpeft, m) {
       "Tensor prefix_k, Tensor prefix_v, Tensor? attn_mask, Tensor out, Tensor lse, "
       "bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // Log-probs of chosen tokens without a [N, V] log-softmax. logits [N, V], tokens [N] int64 in
+  // [0, V); z = logits / temperature. Returns (logp [N], entropy [N] or [0] when
+  // !return_entropy, stats [N, 3]): logp = z[token] - logsumexp(z), entropy = -sum p log p, both
+  // in logits' dtype (computed in fp32; fp64 for fp64); stats fp32 (fp64 for fp64) holds per row
+  // (m = max logits, log sum exp(d), E_p[d]) with d = (logits - m) / temperature (E_p[d] only
+  // when return_entropy, else 0): all the backward keeps besides logits and tokens.
+  m.def(
+      "token_logprobs(Tensor logits, Tensor tokens, float temperature, bool return_entropy) "
+      "-> (Tensor, Tensor, Tensor)");
+  // grad_logits = ((onehot(token) - p) grad_logp - p (z - E_p[z]) grad_entropy) / temperature,
+  // p recomputed from the saved stats. grad_entropy: [N] or None (it needs the stats of a
+  // return_entropy forward).
+  m.def(
+      "token_logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, "
+      "Tensor tokens, Tensor stats, float temperature) -> Tensor");
   // PPO's clipped surrogate over N tokens (the wrapper flattens), mask bool [N]:
   //   loss = masked_mean(max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)) + kl_coef * kl),
   //   r = exp(logprobs - old_logprobs), kl per kl_estimator ("k1", "k2", "k3") against

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-OPS = ["lora_linear", "ia3_linear", "adapter_bottleneck", "prefix_attention", "gae", "ppo_loss"]
+OPS = ["lora_linear", "ia3_linear", "adapter_bottleneck", "prefix_attention", "token_logprobs",
+       "gae", "ppo_loss"]
 
 
 @pytest.mark.parametrize("op", OPS)

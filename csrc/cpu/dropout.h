@@ -19,12 +19,8 @@
 #endif
 
 #include "common/philox.h"
+#include "cpu/vec64.h"  // FASTPEFT_CPU_CLONES
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
-#define FASTPEFT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define FASTPEFT_CPU_CLONES
-#endif
 
 namespace fastpeft::cpu {
 

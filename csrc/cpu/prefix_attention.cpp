@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include "common/prefix_attention_checks.h"
+#include "cpu/vec64.h"
 #include "ops.h"
 
 // The Fortran BLAS that libtorch_cpu links and exports (MKL in the x86-64 wheels), as ATen's
@@ -53,34 +54,13 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
-// The row passes are compiled per ISA (an AVX-512 clone runs on this project's machines), as
-// cpu/dropout.h's FASTPEFT_CPU_CLONES.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
-#define FASTPEFT_PA_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define FASTPEFT_PA_CLONES
-#endif
-
 namespace fastpeft {
 namespace {
 
-// One 64-byte GCC vector of T (a zmm register in the x86-64-v4 clone).
-template <typename T>
-struct Vec64 {
-  typedef T type __attribute__((vector_size(64)));
-};
-template <typename T>
-using Vec = typename Vec64<T>::type;
-template <typename T>
-__attribute__((always_inline)) inline Vec<T> load64(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-__attribute__((always_inline)) inline void store64(T* p, Vec<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
+using vec64::load64;
+using vec64::store64;
+using vec64::Vec;
+using vec64::vexp;
 
 void check_blas() {
   TORCH_CHECK(sgemm_ != nullptr && dgemm_ != nullptr,
@@ -157,33 +137,6 @@ inline void for_each_key_block(int64_t P, int64_t T_, int64_t i0, int64_t n, boo
 }
 
 // ---- row passes over a score block S [R, kBK] (row stride kBK), vectorised ----------------
-
-// exp on one vector. fp32: Cephes' expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp)
-// for x <= 88, flushed to 0 below -87 (and for -inf). fp64 (the testing dtype): std::exp.
-__attribute__((always_inline)) inline Vec<float> vexp(Vec<float> x) {
-  using VI = Vec<int32_t>;
-  const Vec<float> lo = Vec<float>{} - 87.0f;
-  const Vec<float> xc = x < lo ? lo : x;
-  const Vec<float> t = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round to int
-  const Vec<float> nf = t - 12582912.0f;
-  const Vec<float> r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
-  const Vec<float> r2 = r * r;
-  Vec<float> p = Vec<float>{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const VI n = __builtin_bit_cast(VI, t) - 0x4B400000;  // t's low mantissa bits: round(x/ln2)
-  const VI bits = (n + 127) << 23;                            // 2^n
-  const Vec<float> res = p * __builtin_bit_cast(Vec<float>, bits);
-  return x < lo ? Vec<float>{} : res;
-}
-__attribute__((always_inline)) inline Vec<double> vexp(Vec<double> x) {
-  for (int i = 0; i < 8; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
 
 template <typename T>
 __attribute__((always_inline)) inline Vec<T> iota_vec() {
@@ -285,7 +238,7 @@ __attribute__((always_inline)) inline void bwd_dscores_body(T* dP, const T* S, i
   }
 }
 
-FASTPEFT_PA_CLONES static void fwd_softmax(float* S, int64_t R, const RowMask<float>& rm,
+FASTPEFT_CPU_CLONES static void fwd_softmax(float* S, int64_t R, const RowMask<float>& rm,
                                             float* m, float* l, float* O, int64_t D) {
   fwd_softmax_body<float>(S, R, rm, m, l, O, D);
 }
@@ -293,14 +246,14 @@ static void fwd_softmax(double* S, int64_t R, const RowMask<double>& rm, double*
                         double* O, int64_t D) {
   fwd_softmax_body<double>(S, R, rm, m, l, O, D);
 }
-FASTPEFT_PA_CLONES static void bwd_probs(float* S, int64_t R, const RowMask<float>& rm,
+FASTPEFT_CPU_CLONES static void bwd_probs(float* S, int64_t R, const RowMask<float>& rm,
                                           const float* lse) {
   bwd_probs_body<float>(S, R, rm, lse);
 }
 static void bwd_probs(double* S, int64_t R, const RowMask<double>& rm, const double* lse) {
   bwd_probs_body<double>(S, R, rm, lse);
 }
-FASTPEFT_PA_CLONES static void bwd_dscores(float* dP, const float* S, int64_t R, int64_t mb,
+FASTPEFT_CPU_CLONES static void bwd_dscores(float* dP, const float* S, int64_t R, int64_t mb,
                                             const float* delta) {
   bwd_dscores_body<float>(dP, S, R, mb, delta);
 }

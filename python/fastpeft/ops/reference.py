@@ -178,6 +178,19 @@ def prefix_attention(
     return probs @ values
 
 
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax(logits / temperature)[..., token] (and the entropy -sum p log p of that
+    distribution), in the logits' dtype."""
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
 # ---- PPO: the policy and value losses, GAE and whitening (TRL's formulas) ----------------------
 # A masked mean over an empty mask is 0 (TRL divides by zero and gets NaN): the losses and their
 # stats are then 0 with zero gradients.
