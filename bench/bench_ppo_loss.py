@@ -4,8 +4,9 @@ masked mean, stats, then autograd's backward through all of them).
 
 Forward+backward of the loss over [B, T] tokens with right-padded masks, the stats computed
 by both (TRL logs them every step). "saved" is what autograd keeps for the backward beyond the
-inputs themselves (fastpeft: the one [N] gradient). Timing and memory columns as described in
-bench/_common.py; one thread by default (FASTPEFT_BENCH_THREADS; see main).
+inputs themselves (fastpeft: the one [N] gradient); "peak" is the peak of torch's allocations
+during one forward+backward above what was held before (bench/_common.py peak_mb). Timing as
+described in bench/_common.py; one thread by default (FASTPEFT_BENCH_THREADS; see main).
 
     python bench/bench_ppo_loss.py [--device cpu|cuda] [--quick] [--out DIR]
 """
@@ -15,7 +16,7 @@ import sys
 
 import torch
 
-from _common import measure, parse_args, write_results
+from _common import measure, parse_args, peak_mb, step, write_results
 from fastpeft.ops import ppo_policy_loss, ppo_value_loss, reference
 
 SHAPES = [(64, 1024), (256, 2048)]
@@ -67,24 +68,25 @@ def main(argv=None) -> int:
             grad = torch.ones((), device=device, dtype=dtype)
             res = measure(providers, params, grad, inputs, device, rounds,
                           inner=5 if device == "cpu" else 20)
+            for name, fn in providers.items():
+                res[name]["peak_mb"] = peak_mb(lambda fn=fn: step(fn, params, grad), device)
             unf, fus = res["unfused"], res["fastpeft"]
             row = {"B": b, "T": t, "case": case, "kl_estimator": est, "dtype": str(dtype),
                    "results": res, "check_loss_abs_diff": check,
                    "time_vs_unfused": fus["median_ms"] / unf["median_ms"],
                    "speedup": unf["median_ms"] / fus["median_ms"],
-                   "saved_vs_unfused": fus["saved_mb"] / max(unf["saved_mb"], 1e-9)}
+                   "saved_vs_unfused": fus["saved_mb"] / max(unf["saved_mb"], 1e-9),
+                   "peak_vs_unfused": fus["peak_mb"] / max(unf["peak_mb"], 1e-9)}
             cells = [f"{b} x {t}", case, f"{unf['median_ms']:.3f}", f"{fus['median_ms']:.3f}",
                      f"{row['time_vs_unfused']:.3f} ({row['speedup']:.1f}x)",
-                     f"{unf['saved_mb']:.2f} / {fus['saved_mb']:.2f}", f"{check:.1e}"]
-            if device == "cuda":
-                cells.append(f"{unf['peak_extra_mb']:.1f} / {fus['peak_extra_mb']:.1f}")
+                     f"{unf['saved_mb']:.2f} / {fus['saved_mb']:.2f}",
+                     f"{unf['peak_mb']:.2f} / {fus['peak_mb']:.2f} ({row['peak_vs_unfused']:.2f}x)",
+                     f"{check:.1e}"]
             rows.append(row)
             table.append(cells)
             print(" | ".join(cells), flush=True)
     header = ["B x T", "loss", "unfused ms", "fastpeft ms", "fastpeft / unfused time",
-              "saved MB unfused / fastpeft", "|loss diff|"]
-    if device == "cuda":
-        header.append("peak MB unfused / fastpeft")
+              "saved MB unfused / fastpeft", "peak MB unfused / fastpeft", "|loss diff|"]
     print(write_results("ppo_loss", device, args.quick, rounds, rows, header, table, args.out,
                         note=f"dtype {dtype}; clip 0.2; policy+kl: k3, kl_coef 0.05; stats "
                              "computed by both"))

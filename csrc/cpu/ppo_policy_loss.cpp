@@ -9,9 +9,88 @@
 
 #include "common/ppo_math.h"
 #include "cpu/chunked_sum.h"
+#include "cpu/vec64.h"
 #include "ops.h"
 
 namespace fastpeft {
+namespace {
+
+// The fp32 fast path over [b, e): 16 tokens per step in GCC vectors (cpu/vec64.h: ~1 ulp exp),
+// the same formulas as policy_token, masked-out lanes selected away (they may hold inf / NaN).
+// Adds the loss's and the stats' sums to acc (per-lane fp32 over at most one 64K chunk, then
+// double) and returns where it stopped; the caller's scalar loop does the tail.
+FASTPEFT_CPU_CLONES
+int64_t policy_chunk_f32(const float* lp, const float* old, const float* adv, const float* ref,
+                         const bool* mask, float* grad, int64_t b, int64_t e, float clip_low,
+                         float clip_high, float kl_coef, KlEstimator est, float inv,
+                         std::array<double, 5>& acc) {
+  using V = vec64::Vec<float>;
+  constexpr int64_t W = 64 / sizeof(float);
+  const V zero{}, one = V{} + 1.0f, lo = V{} + (1.0f - clip_low), hi = V{} + (1.0f + clip_high);
+  V s_term{}, s_clip{}, s_sq{}, s_ratio{}, s_kl{};
+  int64_t i = b;
+  for (; i + W <= e; i += W) {
+    V m;
+    for (int j = 0; j < W; ++j) m[j] = mask[i + j] ? 1.0f : 0.0f;
+    const auto valid = m > zero;
+    const V l = vec64::load64(lp + i), a = vec64::load64(adv + i);
+    const V diff = l - vec64::load64(old + i);
+    const V ratio = vec64::vexp(diff);
+    const V pg1 = -a * ratio;
+    V c = ratio < lo ? lo : ratio;
+    c = c > hi ? hi : c;
+    const V pg2 = -a * c;
+    const auto clipped = pg2 > pg1;
+    V term = clipped ? pg2 : pg1;
+    V dterm = clipped ? zero : pg1;
+    V kl = zero;
+    if (est != KlEstimator::kNone) {
+      const V d = l - vec64::load64(ref + i);
+      V dkl;
+      if (est == KlEstimator::kK1) {
+        kl = d;
+        dkl = one;
+      } else if (est == KlEstimator::kK2) {
+        kl = 0.5f * d * d;
+        dkl = d;
+      } else {
+        const V ex = vec64::vexp(-d);
+        kl = ex + d - 1.0f;
+        dkl = 1.0f - ex;
+      }
+      term += kl_coef * kl;
+      dterm += kl_coef * dkl;
+    }
+    vec64::store64(grad + i, valid ? dterm * inv : zero);
+    s_term += valid ? term : zero;
+    s_clip += (valid & clipped) ? one : zero;
+    s_sq += valid ? diff * diff : zero;
+    s_ratio += valid ? ratio : zero;
+    s_kl += valid ? kl : zero;
+  }
+  acc[0] += vec64::hsum<float>(s_term);
+  acc[1] += vec64::hsum<float>(s_clip);
+  acc[2] += vec64::hsum<float>(s_sq);
+  acc[3] += vec64::hsum<float>(s_ratio);
+  acc[4] += vec64::hsum<float>(s_kl);
+  return i;
+}
+
+// No fast path for bf16 / fp64: the scalar loop does all of [b, e).
+template <typename S>
+int64_t policy_chunk_fast(const S*, const S*, const S*, const S*, const bool*, S*, int64_t b,
+                          int64_t, float, float, float, KlEstimator, float,
+                          std::array<double, 5>&) {
+  return b;
+}
+inline int64_t policy_chunk_fast(const float* lp, const float* old, const float* adv,
+                                 const float* ref, const bool* mask, float* grad, int64_t b,
+                                 int64_t e, float lo, float hi, float kc, KlEstimator est,
+                                 float inv, std::array<double, 5>& acc) {
+  return policy_chunk_f32(lp, old, adv, ref, mask, grad, b, e, lo, hi, kc, est, inv, acc);
+}
+
+}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
     const Tensor& logprobs_in, const Tensor& old_in, const Tensor& adv_in, const Tensor& mask_in,
@@ -46,7 +125,9 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
       const bool* __restrict__ mpr = mp;
       scalar_t* __restrict__ gpr = gp;
       const T lo = T(clip_low), hi = T(clip_high), kc = T(kl_coef);
-      for (int64_t i = b; i < e; ++i) {
+      int64_t i = policy_chunk_fast(lpr, opr, apr, rpr, mpr, gpr, b, e, float(clip_low),
+                                    float(clip_high), float(kl_coef), est, float(inv), acc);
+      for (; i < e; ++i) {
         if (!mpr[i]) {
           gpr[i] = scalar_t(0);
           continue;
@@ -59,7 +140,11 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
         ratio += p.ratio;
         kl += p.kl;
       }
-      acc = {term, clipped, sq, ratio, kl};
+      acc[0] += term;
+      acc[1] += clipped;
+      acc[2] += sq;
+      acc[3] += ratio;
+      acc[4] += kl;
     });
     const double dinv = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
     loss.fill_(s[0] * dinv);
