@@ -4,6 +4,8 @@ from fastpeft.ops import reference
 from fastpeft.ops._backend import get_backend, set_backend, use_backend
 from fastpeft.ops.adapter_bottleneck import adapter_bottleneck
 from fastpeft.ops.ia3_linear import ia3_linear
+from fastpeft.ops.linear_cross_entropy import linear_cross_entropy
+from fastpeft.ops.linear_token_logprobs import linear_token_logprobs
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.lora_linear_multi import lora_linear_multi
 from fastpeft.ops.prefix_attention import prefix_attention
@@ -12,6 +14,8 @@ __all__ = [
     "adapter_bottleneck",
     "get_backend",
     "ia3_linear",
+    "linear_cross_entropy",
+    "linear_token_logprobs",
     "lora_linear",
     "lora_linear_multi",
     "prefix_attention",
