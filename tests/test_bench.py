@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-OPS = ["lora_linear", "ia3_linear", "adapter_bottleneck", "prefix_attention"]
+OPS = ["lora_linear", "ia3_linear", "adapter_bottleneck", "prefix_attention",
+       "linear_cross_entropy"]
 
 
 @pytest.mark.parametrize("op", OPS)
