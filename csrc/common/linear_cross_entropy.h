@@ -75,9 +75,12 @@ inline void check_args(const at::Tensor& hidden, const at::Tensor& weight,
 }
 
 // Rows per chunk. Liger-Kernel's rule (chunk x V logits about the size of hidden) gives
-// skinny GEMMs for a large V; at least 256 rows keep dW += z^T h_c compute-bound (each chunk
-// reads and writes all of dW), while the buffer stays 256 / N of the full logits.
-inline int64_t chunk_rows(std::optional<int64_t> chunk_size, int64_t N, int64_t V, int64_t H) {
+// skinny GEMMs for a large V: each chunk's dW += z^T h_c reads and writes all of dW, so it
+// takes a few hundred rows to keep that GEMM compute-bound (measured on the CPU at N = 2048,
+// H = 576, V = 49152: 512 rows ~6% faster than 256, 32 rows 2x slower). So: at least 256
+// rows, growing to 512 while the chunk's logits stay within 128 MB.
+inline int64_t chunk_rows(std::optional<int64_t> chunk_size, int64_t N, int64_t V, int64_t H,
+                          int64_t elem_size) {
   if (chunk_size.has_value()) {
     TORCH_CHECK(*chunk_size > 0, "fastpeft: chunk_size must be positive, got ", *chunk_size);
     return std::max<int64_t>(std::min(*chunk_size, N), 1);
@@ -85,7 +88,9 @@ inline int64_t chunk_rows(std::optional<int64_t> chunk_size, int64_t N, int64_t 
   const int64_t inc = (V + H - 1) / std::max<int64_t>(H, 1);
   int64_t liger = 1;
   while (liger < (N + inc - 1) / inc) liger *= 2;
-  return std::max<int64_t>(std::min(std::max<int64_t>(liger, 256), N), 1);
+  const int64_t by_bytes = (int64_t{128} << 20) / std::max<int64_t>(V * elem_size, 1);
+  const int64_t rows = std::max({liger, int64_t{256}, std::min<int64_t>(by_bytes, 512)});
+  return std::max<int64_t>(std::min(rows, N), 1);
 }
 
 inline at::ScalarType acc_type(const at::Tensor& t) {
@@ -164,8 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(
     if (grad_mask[0]) grad_h = at::empty({N, H}, hidden.options());
     if (grad_mask[1]) grad_w_acc = at::empty({V, H}, acc);
   }
-  run_chunks<Rows>(hidden, weight, labels, ignore_index, 1.0, chunk_rows(chunk_size, N, V, H),
-                   logp, lse, coef, grad_h, grad_w_acc);
+  const int64_t chunk = chunk_rows(chunk_size, N, V, H, hidden.element_size());
+  run_chunks<Rows>(hidden, weight, labels, ignore_index, 1.0, chunk, logp, lse, coef, grad_h,
+                   grad_w_acc);
   at::Tensor loss = logp.sum().div_(-static_cast<double>(std::max<int64_t>(count, 1)));
   loss = loss.to(hidden.scalar_type());
   if (!grad_h.defined()) grad_h = hidden.new_empty({0});
@@ -205,8 +211,9 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_forward(const at::Tensor& hidd
   const auto acc = at::TensorOptions().dtype(acc_type(hidden)).device(hidden.device());
   at::Tensor logp = at::empty({N}, acc), lse = at::empty({N}, acc);
   at::Tensor none, no_h, no_w;
-  run_chunks<Rows>(hidden, weight, tokens, kNoIgnore, 1.0 / temperature,
-                   chunk_rows(chunk_size, N, V, H), logp, lse, none, no_h, no_w);
+  const int64_t chunk = chunk_rows(chunk_size, N, V, H, hidden.element_size());
+  run_chunks<Rows>(hidden, weight, tokens, kNoIgnore, 1.0 / temperature, chunk, logp, lse, none,
+                   no_h, no_w);
   return {logp.to(hidden.scalar_type()), lse};
 }
 
@@ -231,8 +238,9 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_backward(
   if (output_mask[0] || output_mask[1]) {
     const at::Tensor coef = grad_out.to(acc_type(hidden)).mul(-1.0 / temperature);
     at::Tensor no_logp, lse_c = lse.contiguous();
-    run_chunks<Rows>(hidden, weight, tokens, kNoIgnore, 1.0 / temperature,
-                     chunk_rows(chunk_size, N, V, H), no_logp, lse_c, coef, grad_h, grad_w_acc);
+    const int64_t chunk = chunk_rows(chunk_size, N, V, H, hidden.element_size());
+    run_chunks<Rows>(hidden, weight, tokens, kNoIgnore, 1.0 / temperature, chunk, no_logp,
+                     lse_c, coef, grad_h, grad_w_acc);
   }
   if (!grad_h.defined()) grad_h = hidden.new_empty({0});
   at::Tensor grad_w = !grad_w_acc.defined() ? hidden.new_empty({0})

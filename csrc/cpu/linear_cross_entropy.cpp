@@ -1,8 +1,11 @@
 // CPU linear_cross_entropy and linear_token_logprobs (semantics: csrc/torch_bindings.cpp; the
 // chunk loop and its GEMMs: common/linear_cross_entropy.h). What is here is the fused row
-// pass over each chunk's logits: at::parallel_for over rows, at::vec over the vocabulary,
-// fp32 arithmetic for bf16 (a row is converted into a per-thread fp32 buffer and back).
+// pass over each chunk's logits: at::parallel_for over rows, 64-byte vectors (per-ISA clones)
+// over the vocabulary, fp32 arithmetic for bf16 (a row is converted into a per-thread fp32
+// buffer and back).
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -10,7 +13,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "common/linear_cross_entropy.h"
@@ -19,54 +21,102 @@
 namespace fastpeft {
 namespace {
 
-using at::vec::Vectorized;
 
-template <typename T>
-T row_max(const T* x, int64_t n) {
-  using Vec = Vectorized<T>;
-  T m = -std::numeric_limits<T>::infinity();
+// The fp32 row passes are compiled per ISA (an AVX-512 clone runs on this project's machines;
+// the extension is built without -mavx*, so ATen's Vectorized would be scalar here), as
+// cpu/prefix_attention.cpp's, with its Cephes exp.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
+#define FASTPEFT_LCE_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define FASTPEFT_LCE_CLONES
+#endif
+
+typedef float VF __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+constexpr int64_t kW = 16;
+
+__attribute__((always_inline)) inline VF load16(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+__attribute__((always_inline)) inline void store16(float* p, VF v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Cephes' expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp) for x <= 88, flushed to
+// 0 below -87 (and for -inf): cpu/prefix_attention.cpp's vexp.
+__attribute__((always_inline)) inline VF vexp(VF x) {
+  const VF lo = VF{} - 87.0f;
+  const VF xc = x < lo ? lo : x;
+  const VF t = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round to int
+  const VF nf = t - 12582912.0f;
+  const VF r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
+  const VF r2 = r * r;
+  VF p = VF{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const VI n = __builtin_bit_cast(VI, t) - 0x4B400000;
+  const VI bits = (n + 127) << 23;
+  const VF res = p * __builtin_bit_cast(VF, bits);
+  return x < lo ? VF{} : res;
+}
+
+FASTPEFT_LCE_CLONES float row_max_f32(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
-  if (n >= Vec::size()) {
-    Vec vm = Vec::loadu(x);
-    for (i = Vec::size(); i + Vec::size() <= n; i += Vec::size()) {
-      vm = at::vec::maximum(vm, Vec::loadu(x + i));
+  if (n >= kW) {
+    VF vm = load16(x);
+    for (i = kW; i + kW <= n; i += kW) {
+      const VF v = load16(x + i);
+      vm = v > vm ? v : vm;
     }
-    T lanes[Vec::size()];
-    vm.store(lanes);
-    for (int64_t k = 0; k < Vec::size(); ++k) m = std::max(m, lanes[k]);
+    for (int k = 0; k < kW; ++k) m = std::max(m, vm[k]);
   }
   for (; i < n; ++i) m = std::max(m, x[i]);
   return m;
 }
 
-// sum_i exp((x_i - m) * s).
-template <typename T>
-T row_sum_exp(const T* x, int64_t n, T m, T s) {
-  using Vec = Vectorized<T>;
-  const Vec vm(m), vs(s);
-  Vec acc(T(0));
+FASTPEFT_LCE_CLONES float row_sum_exp_f32(const float* x, int64_t n, float m, float s) {
+  VF acc = VF{};
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    acc = acc + ((Vec::loadu(x + i) - vm) * vs).exp();
-  }
-  T lanes[Vec::size()];
-  acc.store(lanes);
-  T sum = 0;
-  for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
+  for (; i + kW <= n; i += kW) acc += vexp((load16(x + i) - m) * s);
+  float sum = 0;
+  for (int k = 0; k < kW; ++k) sum += acc[k];
   for (; i < n; ++i) sum += std::exp((x[i] - m) * s);
   return sum;
 }
 
-// x_i <- c * exp(x_i * s - l), in place.
-template <typename T>
-void row_scaled_softmax(T* x, int64_t n, T s, T l, T c) {
-  using Vec = Vectorized<T>;
-  const Vec vs(s), vl(l), vc(c);
+FASTPEFT_LCE_CLONES void row_scaled_softmax_f32(float* x, int64_t n, float s, float l, float c) {
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    (vc * (Vec::loadu(x + i) * vs - vl).exp()).store(x + i);
-  }
+  for (; i + kW <= n; i += kW) store16(x + i, c * vexp(load16(x + i) * s - l));
   for (; i < n; ++i) x[i] = c * std::exp(x[i] * s - l);
+}
+
+// fp64 (the testing dtype): plain loops.
+double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+double row_sum_exp(const double* x, int64_t n, double m, double s) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp((x[i] - m) * s);
+  return sum;
+}
+void row_scaled_softmax(double* x, int64_t n, double s, double l, double c) {
+  for (int64_t i = 0; i < n; ++i) x[i] = c * std::exp(x[i] * s - l);
+}
+float row_max(const float* x, int64_t n) { return row_max_f32(x, n); }
+float row_sum_exp(const float* x, int64_t n, float m, float s) {
+  return row_sum_exp_f32(x, n, m, s);
+}
+void row_scaled_softmax(float* x, int64_t n, float s, float l, float c) {
+  row_scaled_softmax_f32(x, n, s, l, c);
 }
 
 // A row in the accumulation dtype: the row itself (fp32 / fp64) or a converted copy (bf16).
@@ -80,12 +130,14 @@ struct RowView {
     if constexpr (kSame) {
       return row;
     } else {
-      at::vec::convert(row, buf.data(), V);
+      for (int64_t i = 0; i < V; ++i) buf[i] = static_cast<acc_t>(row[i]);
       return buf.data();
     }
   }
   void store(scalar_t* row, int64_t V) {
-    if constexpr (!kSame) at::vec::convert(buf.data(), row, V);
+    if constexpr (!kSame) {
+      for (int64_t i = 0; i < V; ++i) row[i] = static_cast<scalar_t>(buf[i]);
+    }
   }
 };
 

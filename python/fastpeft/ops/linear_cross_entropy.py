@@ -13,7 +13,9 @@ def check_lm_head_args(hidden, weight, targets, targets_name, chunk_size) -> Non
     """The checks linear_cross_entropy and linear_token_logprobs share."""
     _validate.check_tensor("hidden", hidden)
     if hidden.dim() < 1:
-        raise ValueError(f"hidden must have at least 1 dim [..., hidden], got shape {tuple(hidden.shape)}")
+        raise ValueError(
+            f"hidden must have at least 1 dim [..., hidden], got shape {tuple(hidden.shape)}"
+        )
     _validate.check_float_dtype(hidden, "hidden")
     _validate.check_tensor("weight", weight, 2)
     _validate.check_like("weight", weight, hidden, "hidden")
@@ -26,7 +28,9 @@ def check_lm_head_args(hidden, weight, targets, targets_name, chunk_size) -> Non
     if targets.dtype != torch.int64:
         raise ValueError(f"{targets_name} must have dtype torch.int64, got {targets.dtype}")
     if targets.device != hidden.device:
-        raise ValueError(f"{targets_name} must be on {hidden.device} like hidden, got {targets.device}")
+        raise ValueError(
+            f"{targets_name} must be on {hidden.device} like hidden, got {targets.device}"
+        )
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(
             f"{targets_name} must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
@@ -47,7 +51,9 @@ def check_target_values(targets, vocab, targets_name, ignore_index=None) -> None
     if ignore_index is not None:
         bad &= targets != ignore_index
     if bool(bad.any()):
-        allowed = f"[0, {vocab})" + ("" if ignore_index is None else f" or ignore_index ({ignore_index})")
+        allowed = f"[0, {vocab})"
+        if ignore_index is not None:
+            allowed += f" or ignore_index ({ignore_index})"
         raise ValueError(f"{targets_name} must be in {allowed}, got {int(targets[bad][0])}")
 
 

@@ -28,7 +28,8 @@ def linear_token_logprobs(
     Returns [...] log-probs in hidden's dtype.
     """
     check_lm_head_args(hidden, weight, tokens, "tokens", chunk_size)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not temperature > 0):
         raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
     check_target_values(tokens, weight.shape[0], "tokens")
     op = _dispatch.kernel("linear_token_logprobs", hidden.device, _eager)
