@@ -233,3 +233,13 @@ def test_raw_op_checks_in_cpp():
     with pytest.raises(RuntimeError, match=r"grad_hidden must be the 2-D gradient"):
         _, gh, gw = op(h, w, lab, -100, None, [False, True])
         torch.ops.fastpeft.linear_cross_entropy_backward(torch.tensor(1.0), gh, gw, [True, True])
+
+
+def test_backward_twice_with_retain_graph():
+    # the forward's gradients are scaled into new tensors, so the graph can be replayed
+    hidden, weight, labels = make_inputs((9,), 8, 97, torch.float64)
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_size=4)
+    loss.backward(retain_graph=True)
+    once = weight.grad.clone()
+    (2 * loss).backward()
+    torch.testing.assert_close(weight.grad, 3 * once)

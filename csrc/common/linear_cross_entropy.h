@@ -112,7 +112,24 @@ inline void grad_gemms(const at::Tensor& z, const at::Tensor& hc, const at::Tens
     } else {
       grad_w_acc.addmm_(z.t(), hc);
     }
-  } else {  // bf16 / fp16: the GEMM in the input dtype (fp32 accumulation), summed in fp32
+  } else {
+    // bf16 / fp16. On CUDA, cuBLAS writes / accumulates the fp32 dW itself (addmm with
+    // out_dtype, no bf16 partial); where that overload is refused (older torch), and on the
+    // CPU (which has no such overload), the GEMM runs in the input dtype (fp32 accumulation
+    // inside) and its partial is summed in fp32.
+    static bool cuda_out_dtype_ok = true;
+    if (z.is_cuda() && cuda_out_dtype_ok) {
+      try {
+        if (first) {
+          at::mm_out(grad_w_acc, z.t(), hc, grad_w_acc.scalar_type());
+        } else {
+          at::addmm_out(grad_w_acc, grad_w_acc, z.t(), hc, grad_w_acc.scalar_type());
+        }
+        return;
+      } catch (const c10::Error&) {
+        cuda_out_dtype_ok = false;
+      }
+    }
     const at::Tensor part = at::mm(z.t(), hc);
     if (first) {
       grad_w_acc.copy_(part);
