@@ -141,4 +141,26 @@ FASTPEFT_PPO_DECLS(cpu)
 #ifdef FASTPEFT_WITH_CUDA
 FASTPEFT_PPO_DECLS(cuda)
 #endif
+
+// Linear cross entropy / linear token log-probs (see torch_bindings.cpp).
+#define FASTPEFT_LINEAR_CROSS_ENTROPY_DECLS(suffix)                                            \
+  std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_##suffix(                           \
+      const Tensor& hidden, const Tensor& weight, const Tensor& labels, int64_t ignore_index,  \
+      std::optional<int64_t> chunk_size, std::array<bool, 2> grad_mask);                       \
+  std::tuple<Tensor, Tensor> linear_cross_entropy_backward_##suffix(                           \
+      const Tensor& grad_loss, const Tensor& grad_hidden, const Tensor& grad_weight,           \
+      std::array<bool, 2> output_mask);                                                        \
+  std::tuple<Tensor, Tensor> linear_token_logprobs_##suffix(                                   \
+      const Tensor& hidden, const Tensor& weight, const Tensor& tokens, double temperature,    \
+      std::optional<int64_t> chunk_size);                                                      \
+  std::tuple<Tensor, Tensor> linear_token_logprobs_backward_##suffix(                          \
+      const Tensor& grad_out, const Tensor& hidden, const Tensor& weight, const Tensor& tokens, \
+      const Tensor& lse, double temperature, std::optional<int64_t> chunk_size,                \
+      std::array<bool, 2> output_mask);
+
+FASTPEFT_LINEAR_CROSS_ENTROPY_DECLS(cpu)
+#ifdef FASTPEFT_WITH_CUDA
+FASTPEFT_LINEAR_CROSS_ENTROPY_DECLS(cuda)
+#endif
+
 }  // namespace fastpeft

@@ -138,4 +138,28 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "masked_whiten_backward(Tensor grad_out, Tensor x, Tensor mask, Tensor stats, "
       "bool shift_mean) -> Tensor");
+
+  // Mean cross entropy of the logits hidden [N, H] @ weight [V, H]^T against labels [N] int64
+  // (ignore_index skipped; 0 when all are), chunked over rows: at most chunk_size x V logits
+  // at a time (chunk_size None: a default from N, V, H). Returns (loss, grad_hidden,
+  // grad_weight): where grad_mask asks, the loss's gradients, computed chunk by chunk in the
+  // same pass (else empty tensors).
+  m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, "
+      "int? chunk_size, bool[2] grad_mask) -> (Tensor, Tensor, Tensor)");
+  // Its backward: grad_loss times the forward's gradients (grad_hidden, grad_weight).
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor grad_hidden, Tensor grad_weight, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+  // log_softmax(hidden @ weight^T / temperature)[tokens] per row, chunked like
+  // linear_cross_entropy. Returns (logprobs [N], lse [N] fp32 (fp64 for fp64), kept for the
+  // backward).
+  m.def(
+      "linear_token_logprobs(Tensor hidden, Tensor weight, Tensor tokens, float temperature, "
+      "int? chunk_size) -> (Tensor, Tensor)");
+  // Its backward (grad_hidden, grad_weight): each chunk's logits recomputed.
+  m.def(
+      "linear_token_logprobs_backward(Tensor grad_out, Tensor hidden, Tensor weight, "
+      "Tensor tokens, Tensor lse, float temperature, int? chunk_size, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
 }

@@ -10,7 +10,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 OPS = ["lora_linear", "ia3_linear", "adapter_bottleneck", "prefix_attention", "token_logprobs",
-       "gae", "ppo_loss"]
+       "gae", "ppo_loss", "linear_cross_entropy"]
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -293,3 +293,19 @@ def masked_whiten(x, mask, shift_mean=True):
     if not shift_mean:
         out = out + mean
     return out
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=None):
+    """Mean cross entropy of hidden @ weight^T against labels over the labels that are not
+    ignore_index (0 when all are). chunk_size is ignored: the full logits are materialized."""
+    logits = hidden @ weight.T
+    labels = labels.reshape(-1)
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, weight.shape[0]), labels, ignore_index=ignore_index, reduction="sum"
+    )
+    return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+def linear_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=None):
+    """log_softmax(hidden @ weight^T / temperature) at tokens, per position."""
+    logits = (hidden @ weight.T) / temperature
+    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
