@@ -66,10 +66,15 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, "_fastpeft", None) is not None
 
 
-def patch(model: nn.Module, config: Any, adapter_name: str = "default") -> nn.Module:
+def patch(model: nn.Module, config: Any, adapter_name: str = "default",
+          fused_loss: bool = True) -> nn.Module:
     """Add adapter `adapter_name` described by `config` (a fastpeft or peft config, a dict, or
     an adapter_config.json path) to the Hugging Face `model` in place, freeze everything else,
-    make it the active adapter, and return the model."""
+    make it the active adapter, and return the model.
+
+    With fused_loss (default), a causal LM's training loss (`model(..., labels=...)` in train
+    mode) comes from the fused linear_cross_entropy op and the output has logits=None; pass
+    fused_loss=False to keep the model's own loss and logits."""
     config = load_config(config)
     if is_patched(model):
         add_adapter(model, config, adapter_name)
@@ -91,16 +96,18 @@ def patch(model: nn.Module, config: Any, adapter_name: str = "default") -> nn.Mo
         state.original_generate = model.__dict__.get("generate")
         model.__dict__["generate"] = types.MethodType(_generate_with_adapter_ids, model)
     set_adapter(model, adapter_name)
-    swap_causal_lm_loss(model)
+    if fused_loss:
+        swap_causal_lm_loss(model)
     return model
 
 
 def swap_causal_lm_loss(model: nn.Module) -> bool:
-    """Where patch() will route the causal-LM loss through the fused linear_cross_entropy op
-    (so `model(input_ids, labels=...)` never materializes full logits in training). That op
-    comes with the fused-losses issue; until it exists the model keeps its own loss, and this
-    returns False."""
-    return False
+    """Route the causal-LM loss through the fused linear_cross_entropy op, so that in training
+    `model(input_ids, labels=...)` never materializes the full logits (see fused_loss.py).
+    Returns False for models that are not causal LMs (classifiers keep their own loss)."""
+    from fastpeft import fused_loss
+
+    return fused_loss.install(model)
 
 
 def add_adapter(model: nn.Module, config: Any, adapter_name: str) -> None:
@@ -363,6 +370,9 @@ def _unload(model: nn.Module, keep_modules_to_save: bool) -> nn.Module:
         if hook is _pre_forward:
             del model._forward_pre_hooks[key]
             model._forward_pre_hooks_with_kwargs.pop(key, None)
+    from fastpeft import fused_loss
+
+    fused_loss.uninstall(model)
     if state.original_generate is None:
         model.__dict__.pop("generate", None)
     else:
