@@ -53,7 +53,8 @@ gpu-check:
 	python3 setup.py -q build_ext --inplace 2>&1 | tee $(OUT)/build.log && \
 	python3 -c "import fastpeft, json; print(json.dumps(fastpeft.build_info()))" | tee $(OUT)/build_info.json && \
 	{ python3 -m pytest -q tests -k "cuda or triton or build" 2>&1 | tee $(OUT)/tests.log; \
-	  for op in lora_linear prefix_attention ia3_linear adapter_bottleneck; do \
+	  for op in lora_linear prefix_attention ia3_linear adapter_bottleneck token_logprobs \
+	            linear_cross_entropy gae ppo_loss; do \
 	    python3 bench/bench_$$op.py --device cuda --out $(OUT) 2>&1 | tee $(OUT)/bench_$$op.log; \
 	  done; }
 

@@ -10,6 +10,7 @@ torch keeps no allocator statistics on the CPU, so that is the CPU memory column
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -89,6 +90,14 @@ def measure(providers, params, grad, weights, device, rounds, inner):
             sync()
             result[name]["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
     return result
+
+
+def set_bench_threads() -> None:
+    """One thread unless FASTPEFT_BENCH_THREADS says otherwise, for passes of a few hundred
+    microseconds: on a shared 2-core machine every parallel region (ATen ops go parallel from
+    32K elements) can wait a whole scheduler tick (~8 ms measured) for its second thread,
+    which swamps what is being measured."""
+    torch.set_num_threads(int(os.environ.get("FASTPEFT_BENCH_THREADS", "1")))
 
 
 def peak_mb(fn, device: str) -> float:

@@ -12,13 +12,12 @@ so nothing is saved for one (saved_mb 0).
 
 import random
 import statistics
-import os
 import sys
 import time
 
 import torch
 
-from _common import parse_args, write_results
+from _common import parse_args, set_bench_threads, write_results
 from fastpeft.ops import gae, reference
 
 SHAPES = [(64, 1024), (256, 512), (8, 4096)]
@@ -67,11 +66,7 @@ def main(argv=None) -> int:
     if args is None:
         return 2
     device = args.device
-    # One thread unless FASTPEFT_BENCH_THREADS says otherwise: these passes are a few hundred
-    # microseconds, and on a shared 2-core machine every parallel region (the unfused path's
-    # ATen ops go parallel from 32K elements) can wait a whole scheduler tick (~8 ms measured)
-    # for its second thread, which swamps what is being measured.
-    torch.set_num_threads(int(os.environ.get("FASTPEFT_BENCH_THREADS", "1")))
+    set_bench_threads()
     dtype = torch.float32  # the loop runs in fp32 in trainers; bf16 rewards are rare
     shapes = SHAPES[:1] if args.quick else SHAPES
     rounds = args.rounds or (3 if args.quick else 11)

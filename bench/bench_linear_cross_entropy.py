@@ -15,34 +15,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _common import measure, parse_args, write_results
+from _common import measure, parse_args, peak_mb, write_results
 from fastpeft.ops import linear_cross_entropy
 
 # (N tokens, hidden, vocab)
 CPU_SHAPES = [(2048, 576, 49152)]
 CUDA_SHAPES = [(8192, 4096, 128256), (2048, 576, 49152)]
 QUICK_SHAPES = [(256, 64, 4096)]
-
-
-def peak_mb(fn, device: str) -> float:
-    """Peak bytes held by torch's allocator during fn() above those held before it, in MB."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    held = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        held += e.nbytes()  # + for an allocation, - for a free
-        peak = max(peak, held)
-    return peak / 2**20
 
 
 def make_providers(n, d, v, train_head, device, dtype):

@@ -11,12 +11,11 @@ described in bench/_common.py; one thread by default (FASTPEFT_BENCH_THREADS; se
     python bench/bench_ppo_loss.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
-import os
 import sys
 
 import torch
 
-from _common import measure, parse_args, peak_mb, step, write_results
+from _common import measure, parse_args, peak_mb, set_bench_threads, step, write_results
 from fastpeft.ops import ppo_policy_loss, ppo_value_loss, reference
 
 SHAPES = [(64, 1024), (256, 2048)]
@@ -50,11 +49,7 @@ def main(argv=None) -> int:
     if args is None:
         return 2
     device = args.device
-    # One thread unless FASTPEFT_BENCH_THREADS says otherwise: these passes are a few hundred
-    # microseconds, and on a shared 2-core machine every parallel region (the unfused path's
-    # ATen ops go parallel from 32K elements) can wait a whole scheduler tick (~8 ms measured)
-    # for its second thread, which swamps what is being measured.
-    torch.set_num_threads(int(os.environ.get("FASTPEFT_BENCH_THREADS", "1")))
+    set_bench_threads()
     dtype = torch.float32
     shapes = SHAPES[:1] if args.quick else SHAPES
     cases = CASES[:2] if args.quick else CASES

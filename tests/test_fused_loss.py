@@ -2,6 +2,7 @@
 gradients as the model's own loss, without the logits."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -98,6 +99,8 @@ def test_trained_lm_head_copy_is_used_and_an_adapted_head_falls_back():
 def test_unpatch_and_classifiers_keep_their_own_forward():
     model = fastpeft.patch(tiny_model("llama"), fastpeft.LoraConfig())
     assert "forward" in model.__dict__
+    # generate() reads the forward's signature to decide what to pass (position_ids, ...)
+    assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
     fastpeft.unpatch(model)
     assert "forward" not in model.__dict__
     bert = fastpeft.patch(tiny_model("bert"), fastpeft.LoraConfig())

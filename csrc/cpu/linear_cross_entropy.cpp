@@ -16,57 +16,22 @@
 #include <torch/library.h>
 
 #include "common/linear_cross_entropy.h"
+#include "cpu/vec64.h"
 #include "ops.h"
 
 namespace fastpeft {
 namespace {
 
-
-// The fp32 row passes are compiled per ISA (an AVX-512 clone runs on this project's machines;
-// the extension is built without -mavx*, so ATen's Vectorized would be scalar here), as
-// cpu/prefix_attention.cpp's, with its Cephes exp.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
-#define FASTPEFT_LCE_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define FASTPEFT_LCE_CLONES
-#endif
-
-typedef float VF __attribute__((vector_size(64)));
-typedef int32_t VI __attribute__((vector_size(64)));
+// The fp32 row passes: 64-byte vectors per ISA clone (the extension is built without -mavx*,
+// so ATen's Vectorized would be scalar here), cpu/vec64.h's.
+using VF = vec64::Vec<float>;
+using vec64::vexp;
 constexpr int64_t kW = 16;
 
-__attribute__((always_inline)) inline VF load16(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-__attribute__((always_inline)) inline void store16(float* p, VF v) {
-  std::memcpy(p, &v, sizeof(v));
-}
+__attribute__((always_inline)) inline VF load16(const float* p) { return vec64::load64(p); }
+__attribute__((always_inline)) inline void store16(float* p, VF v) { vec64::store64(p, v); }
 
-// Cephes' expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp) for x <= 88, flushed to
-// 0 below -87 (and for -inf): cpu/prefix_attention.cpp's vexp.
-__attribute__((always_inline)) inline VF vexp(VF x) {
-  const VF lo = VF{} - 87.0f;
-  const VF xc = x < lo ? lo : x;
-  const VF t = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round to int
-  const VF nf = t - 12582912.0f;
-  const VF r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
-  const VF r2 = r * r;
-  VF p = VF{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const VI n = __builtin_bit_cast(VI, t) - 0x4B400000;
-  const VI bits = (n + 127) << 23;
-  const VF res = p * __builtin_bit_cast(VF, bits);
-  return x < lo ? VF{} : res;
-}
-
-FASTPEFT_LCE_CLONES float row_max_f32(const float* x, int64_t n) {
+FASTPEFT_CPU_CLONES float row_max_f32(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   if (n >= kW) {
@@ -81,7 +46,7 @@ FASTPEFT_LCE_CLONES float row_max_f32(const float* x, int64_t n) {
   return m;
 }
 
-FASTPEFT_LCE_CLONES float row_sum_exp_f32(const float* x, int64_t n, float m, float s) {
+FASTPEFT_CPU_CLONES float row_sum_exp_f32(const float* x, int64_t n, float m, float s) {
   VF acc = VF{};
   int64_t i = 0;
   for (; i + kW <= n; i += kW) acc += vexp((load16(x + i) - m) * s);
@@ -91,7 +56,7 @@ FASTPEFT_LCE_CLONES float row_sum_exp_f32(const float* x, int64_t n, float m, fl
   return sum;
 }
 
-FASTPEFT_LCE_CLONES void row_scaled_softmax_f32(float* x, int64_t n, float s, float l, float c) {
+FASTPEFT_CPU_CLONES void row_scaled_softmax_f32(float* x, int64_t n, float s, float l, float c) {
   int64_t i = 0;
   for (; i + kW <= n; i += kW) store16(x + i, c * vexp(load16(x + i) * s - l));
   for (; i < n; ++i) x[i] = c * std::exp(x[i] * s - l);

@@ -25,7 +25,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 OP_BENCHMARKS = ("bench_lora_linear.py", "bench_ia3_linear.py", "bench_adapter_bottleneck.py",
-                 "bench_prefix_attention.py")
+                 "bench_prefix_attention.py", "bench_token_logprobs.py",
+                 "bench_linear_cross_entropy.py", "bench_gae.py", "bench_ppo_loss.py")
 # fastpeft.patch on the default model against peft.
 MODEL_BENCHMARKS = ("bench_patch.py",)
 

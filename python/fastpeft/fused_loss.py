@@ -10,6 +10,7 @@ adapter or a bias, or with `shift_labels` / `logits_to_keep`, the model's own fo
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from typing import Any
@@ -27,13 +28,21 @@ def install(model: nn.Module) -> bool:
     not a causal LM with a separate base model and LM head."""
     if not _lm_parts(model):
         return False
-    model.__dict__["forward"] = types.MethodType(fused_loss_forward, model)
+
+    # The model's own signature: generate() reads it to decide which inputs (position_ids,
+    # ...) to build and pass.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, **kwargs):
+        return fused_loss_forward(self, *args, **kwargs)
+
+    forward._fastpeft_fused_loss = True
+    model.__dict__["forward"] = types.MethodType(forward, model)
     return True
 
 
 def uninstall(model: nn.Module) -> None:
     forward = model.__dict__.get("forward")
-    if getattr(forward, "__func__", None) is fused_loss_forward:
+    if getattr(getattr(forward, "__func__", None), "_fastpeft_fused_loss", False):
         del model.__dict__["forward"]
 
 

@@ -87,3 +87,28 @@ def register(name: str, fake_forward, fake_backward, setup_context, make_backwar
 
     Eager.__name__ = Eager.__qualname__ = f"Eager_{name}"
     return Eager.apply
+
+
+def register_loss_with_saved_grad(name: str, fake_forward) -> Callable:
+    """register() for a loss op whose forward returns (loss, stats, grad): grad is d(loss) /
+    d(first input), computed in the forward pass, and the backward op scales it by grad_loss.
+    Only the first input gets a gradient; stats and grad are non-differentiable."""
+    n_inputs = len(getattr(torch.ops.fastpeft, name).default._schema.arguments)
+
+    def fake_backward(grad_loss, grad):
+        return grad.new_empty(grad.shape)
+
+    def setup_context(ctx, inputs, output):
+        _, stats, grad = output
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(stats, grad)
+
+    def make_backward(backward_op):
+        def backward(ctx, grad_loss, grad_stats, grad_grad):
+            (grad,) = ctx.saved_tensors
+            g = backward_op(grad_loss, grad) if ctx.needs_input_grad[0] else None
+            return (g,) + (None,) * (n_inputs - 1)
+
+        return backward
+
+    return register(name, fake_forward, fake_backward, setup_context, make_backward, triton=False)

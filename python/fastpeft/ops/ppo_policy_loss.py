@@ -80,27 +80,5 @@ def _fake_forward(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_l
     return logprobs.new_empty(()), logprobs.new_empty(4), logprobs.new_empty(logprobs.shape)
 
 
-def _fake_backward(grad_loss, grad):
-    return grad.new_empty(grad.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    _, stats, grad = output
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(stats, grad)
-
-
-def _make_backward(backward_op):
-    def backward(ctx, grad_loss, grad_stats, grad_grad):
-        (grad,) = ctx.saved_tensors
-        g = backward_op(grad_loss, grad) if ctx.needs_input_grad[0] else None
-        return (g,) + (None,) * 8
-
-    return backward
-
-
 if _ext.extension_loaded():
-    _eager = _dispatch.register(
-        "ppo_policy_loss", _fake_forward, _fake_backward, _setup_context, _make_backward,
-        triton=False,
-    )
+    _eager = _dispatch.register_loss_with_saved_grad("ppo_policy_loss", _fake_forward)

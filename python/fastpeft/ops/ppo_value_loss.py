@@ -49,27 +49,5 @@ def _fake_forward(values, old_values, returns, mask, clip):
     return values.new_empty(()), values.new_empty(1), values.new_empty(values.shape)
 
 
-def _fake_backward(grad_loss, grad):
-    return grad.new_empty(grad.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    _, stats, grad = output
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(stats, grad)
-
-
-def _make_backward(backward_op):
-    def backward(ctx, grad_loss, grad_stats, grad_grad):
-        (grad,) = ctx.saved_tensors
-        g = backward_op(grad_loss, grad) if ctx.needs_input_grad[0] else None
-        return (g,) + (None,) * 4
-
-    return backward
-
-
 if _ext.extension_loaded():
-    _eager = _dispatch.register(
-        "ppo_value_loss", _fake_forward, _fake_backward, _setup_context, _make_backward,
-        triton=False,
-    )
+    _eager = _dispatch.register_loss_with_saved_grad("ppo_value_loss", _fake_forward)
