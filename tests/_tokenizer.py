@@ -5,23 +5,24 @@ import copy
 import functools
 import os
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data")
+EXAMPLES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data"
+)
 
 
 def example(name: str) -> str:
     return os.path.join(EXAMPLES, name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
     from fastpeft.default_model import GGUF_FILE, default_model_dir
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=GGUF_FILE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def plain_tokenizer():
     tok = copy.deepcopy(smollm2_tokenizer())
     tok.chat_template = None

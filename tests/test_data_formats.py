@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from _tokenizer import example, plain_tokenizer, prompt_text, smollm2_tokenizer, trained_text
-
 from fastpeft.data import (
     FORMATS,
     Collator,
@@ -32,9 +31,15 @@ def rows_of(name):
 
 @pytest.mark.parametrize(
     "name, fmt",
-    [("alpaca.jsonl", "alpaca"), ("messages.jsonl", "messages"), ("text.jsonl", "text"),
-     ("prompt_completion.jsonl", "prompt_completion"), ("prompt_completion.csv", "prompt_completion"),
-     ("preference.jsonl", "preference"), ("ranked.jsonl", "ranked")],
+    [
+        ("alpaca.jsonl", "alpaca"),
+        ("messages.jsonl", "messages"),
+        ("text.jsonl", "text"),
+        ("prompt_completion.jsonl", "prompt_completion"),
+        ("prompt_completion.csv", "prompt_completion"),
+        ("preference.jsonl", "preference"),
+        ("ranked.jsonl", "ranked"),
+    ],
 )
 def test_detects_every_example_format(name, fmt):
     mode = "preference" if fmt in ("preference", "ranked") else "sft"
@@ -47,7 +52,14 @@ def test_detect_format_names_the_expected_fields():
     assert detect_format({"prompt": "a", "chosen": "b", "rejected": "c"}) == "preference"
     with pytest.raises(ValueError, match="cannot tell the format.*'foo'.*alpaca"):
         detect_format({"foo": 1})
-    assert set(FORMATS) == {"alpaca", "messages", "prompt_completion", "text", "preference", "ranked"}
+    assert set(FORMATS) == {
+        "alpaca",
+        "messages",
+        "prompt_completion",
+        "text",
+        "preference",
+        "ranked",
+    }
 
 
 def test_forced_format_overrides_detection(tmp_path):
@@ -79,16 +91,20 @@ def test_alpaca_masks_all_but_the_output(kind):
             assert prompt.count(row["system"]) == 1
     if kind == "plain":  # the Alpaca template itself
         first, with_history = examples[0], examples[4]
-        assert prompt_text(tok, first) == (ALPACA_PREAMBLE_INPUT + "### Instruction:\n"
-                                           "Add the two numbers.\n\n### Input:\n"
-                                           f"{rows[0]['input']}\n\n### Response:\n")
+        assert prompt_text(tok, first) == (
+            ALPACA_PREAMBLE_INPUT + "### Instruction:\n"
+            "Add the two numbers.\n\n### Input:\n"
+            f"{rows[0]['input']}\n\n### Response:\n"
+        )
         q, a = rows[4]["history"][0]
         assert prompt_text(tok, with_history) == (
             ALPACA_PREAMBLE + f"### Instruction:\n{q}\n\n### Response:\n{a}{EOS}\n\n"
-            f"### Instruction:\n{rows[4]['instruction']}\n\n### Response:\n")
+            f"### Instruction:\n{rows[4]['instruction']}\n\n### Response:\n"
+        )
     else:  # the chat template, with the input after the instruction
         assert prompt_text(tok, examples[0]).endswith(
-            f"Add the two numbers.\n\n{rows[0]['input']}{EOS}\n<|im_start|>assistant\n")
+            f"Add the two numbers.\n\n{rows[0]['input']}{EOS}\n<|im_start|>assistant\n"
+        )
 
 
 @pytest.mark.parametrize("kind", TOKENIZERS)
@@ -120,13 +136,17 @@ def test_prompt_completion_is_raw_text(kind, name):
 
 def test_prompt_completion_as_messages_uses_the_chat_template(tmp_path):
     path = tmp_path / "conv.jsonl"
-    row = {"prompt": [{"role": "user", "content": "Say hi."}],
-           "completion": [{"role": "assistant", "content": "Hi!"}]}
+    row = {
+        "prompt": [{"role": "user", "content": "Say hi."}],
+        "completion": [{"role": "assistant", "content": "Hi!"}],
+    }
     path.write_text(json.dumps(row) + "\n")
     tok = smollm2_tokenizer()
     (ex,), _ = load_sft_dataset(str(path), tok)
     assert trained_text(tok, ex) == "Hi!" + EOS + "\n"
-    assert prompt_text(tok, ex).endswith("<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt_text(tok, ex).endswith(
+        "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 @pytest.mark.parametrize("kind", TOKENIZERS)
@@ -152,15 +172,19 @@ def test_max_length_truncates_from_the_right():
 
 def test_max_length_drops_examples_with_nothing_left_to_train(tmp_path):
     path = tmp_path / "long_prompt.jsonl"
-    path.write_text(json.dumps({"prompt": "word " * 50, "completion": " end"}) + "\n"
-                    + json.dumps({"prompt": "short", "completion": " end"}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "word " * 50, "completion": " end"})
+        + "\n"
+        + json.dumps({"prompt": "short", "completion": " end"})
+        + "\n"
+    )
     examples, stats = load_sft_dataset(str(path), smollm2_tokenizer(), max_length=16)
     assert len(examples) == 1 and stats.dropped_empty == 1
 
 
 def test_preference_pairs_mask_the_prompt():
-    for kind in TOKENIZERS:
-        tok = TOKENIZERS[kind]()
+    for make_tokenizer in TOKENIZERS.values():
+        tok = make_tokenizer()
         examples, stats = load_preference_dataset(example("preference.jsonl"), tok)
         assert stats.format == "preference" and len(examples) == 30
         for row, ex in zip(rows_of("preference.jsonl"), examples):
@@ -171,9 +195,11 @@ def test_preference_pairs_mask_the_prompt():
 
 def test_conversational_preference_uses_the_chat_template(tmp_path):
     path = tmp_path / "pref.jsonl"
-    row = {"prompt": [{"role": "user", "content": "2+2?"}],
-           "chosen": [{"role": "assistant", "content": "4"}],
-           "rejected": [{"role": "assistant", "content": "5"}]}
+    row = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
     path.write_text(json.dumps(row) + "\n")
     tok = smollm2_tokenizer()
     (ex,), _ = load_preference_dataset(str(path), tok)
@@ -189,17 +215,26 @@ def test_ranked_rows_expand_to_all_ordered_pairs():
     k = [len(r["responses"]) for r in rows]
     assert len(examples) == sum(n * (n - 1) // 2 for n in k) and stats.format == "ranked"
     for g, row in enumerate(rows):
-        pairs = [(trained_text(tok, e, "chosen_"), trained_text(tok, e, "rejected_"))
-                 for e in examples if e["group"] == g]
+        pairs = [
+            (trained_text(tok, e, "chosen_"), trained_text(tok, e, "rejected_"))
+            for e in examples
+            if e["group"] == g
+        ]
         order = [row["responses"][i] + EOS for i in row["ranking"]]
-        expected = [(order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
+        expected = [
+            (order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))
+        ]
         assert pairs == expected
 
 
 def test_ranked_rejects_a_ranking_that_is_not_a_permutation(tmp_path):
     path = tmp_path / "bad_rank.jsonl"
-    path.write_text(json.dumps({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}) + "\n")
-    with pytest.raises(DataError, match=r"bad_rank.jsonl, line 1: 'ranking' must be a permutation of 0..2"):
+    path.write_text(
+        json.dumps({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}) + "\n"
+    )
+    with pytest.raises(
+        DataError, match=r"bad_rank.jsonl, line 1: 'ranking' must be a permutation of 0..2"
+    ):
         load_preference_dataset(str(path), smollm2_tokenizer())
 
 
@@ -231,7 +266,9 @@ def test_collator_pads_right_for_training_and_left_for_prompts():
         assert (batch["labels"][i, n:] == -100).all()
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (t - n)
     prompts, _ = load_prompt_dataset(example("alpaca.jsonl"), tok)
-    left = Collator(pad_token_id=pad_id_of(tok), padding_side="left", pad_to_multiple_of=8)(prompts[:3])
+    left = Collator(pad_token_id=pad_id_of(tok), padding_side="left", pad_to_multiple_of=8)(
+        prompts[:3]
+    )
     t = left["input_ids"].shape[1]
     assert t % 8 == 0
     for i, p in enumerate(prompts[:3]):

@@ -24,8 +24,9 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def pad_lists(rows: list[list[int]], value: int, side: str = "right",
-              multiple_of: int | None = None) -> torch.Tensor:
+def pad_lists(
+    rows: list[list[int]], value: int, side: str = "right", multiple_of: int | None = None
+) -> torch.Tensor:
     """[len(rows), T] long tensor, T the longest row (rounded up to multiple_of)."""
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
@@ -79,8 +80,12 @@ class Collator:
             if key == "position_ids":
                 batch[key] = self._positions(values)
             elif key.endswith(("input_ids", "labels", "attention_mask")):
-                batch[key] = pad_lists(values, _pad_value(key, self.pad_token_id),
-                                       self.padding_side, self.pad_to_multiple_of)
+                batch[key] = pad_lists(
+                    values,
+                    _pad_value(key, self.pad_token_id),
+                    self.padding_side,
+                    self.pad_to_multiple_of,
+                )
             else:
                 batch[key] = values
         if "position_ids" in batch:
@@ -88,7 +93,9 @@ class Collator:
                 raise ValueError("packed rows (with position_ids) must be padded on the right")
             batch.pop("attention_mask", None)
             if self.block_mask:
-                batch["attention_mask"] = packed_attention_mask(batch["position_ids"], self.mask_dtype)
+                batch["attention_mask"] = packed_attention_mask(
+                    batch["position_ids"], self.mask_dtype
+                )
         return batch
 
     def _positions(self, rows: list[list[int]]) -> torch.Tensor:

@@ -100,7 +100,10 @@ def normalize_sft(row: dict, fmt: str) -> dict:
         turns = [dict(m, train=False) for m in prompt]
         return {"kind": "chat", "turns": turns + [dict(m, train=True) for m in completion]}
     if fmt == "messages":
-        turns = [dict(m, train=m["role"] == "assistant") for m in _messages(row.get("messages"), "messages")]
+        turns = [
+            dict(m, train=m["role"] == "assistant")
+            for m in _messages(row.get("messages"), "messages")
+        ]
         if not any(t["train"] for t in turns):
             raise InvalidRowError("'messages' has no assistant turn to train on")
         return {"kind": "chat", "turns": turns}
@@ -109,16 +112,27 @@ def normalize_sft(row: dict, fmt: str) -> dict:
         inp = _need(row, "input", str, "a string", optional=True) or ""
         output = _need(row, "output", str, "a string")
         system = _need(row, "system", str, "a string", optional=True)
-        history = _need(row, "history", list, "a list of [instruction, output] pairs", optional=True)
+        history = _need(
+            row, "history", list, "a list of [instruction, output] pairs", optional=True
+        )
         turns = [{"role": "system", "content": system, "train": False}] if system else []
         for i, pair in enumerate(history or []):
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                    and all(isinstance(x, str) for x in pair)):
-                raise InvalidRowError(f"history[{i}] must be a pair of strings [instruction, output]")
-            turns += [{"role": "user", "content": pair[0], "train": False},
-                      {"role": "assistant", "content": pair[1], "train": False}]
-        turns += [{"role": "user", "content": instruction, "input": inp, "train": False},
-                  {"role": "assistant", "content": output, "train": True}]
+            if not (
+                isinstance(pair, (list, tuple))
+                and len(pair) == 2
+                and all(isinstance(x, str) for x in pair)
+            ):
+                raise InvalidRowError(
+                    f"history[{i}] must be a pair of strings [instruction, output]"
+                )
+            turns += [
+                {"role": "user", "content": pair[0], "train": False},
+                {"role": "assistant", "content": pair[1], "train": False},
+            ]
+        turns += [
+            {"role": "user", "content": instruction, "input": inp, "train": False},
+            {"role": "assistant", "content": output, "train": True},
+        ]
         return {"kind": "alpaca", "turns": turns}
     raise ValueError(f"format must be one of {SFT_FORMATS} for SFT data, got {fmt!r}")
 
@@ -146,8 +160,9 @@ def normalize_preference(row: dict, fmt: str) -> list[dict]:
         pairs = []
         for i in range(k):
             for j in range(i + 1, k):
-                pairs.append({"prompt": prompt, "chosen": resp[ranking[i]],
-                              "rejected": resp[ranking[j]]})
+                pairs.append(
+                    {"prompt": prompt, "chosen": resp[ranking[i]], "rejected": resp[ranking[j]]}
+                )
         for p in pairs:
             _same_kind(p)
         return pairs
@@ -157,7 +172,9 @@ def normalize_preference(row: dict, fmt: str) -> list[dict]:
 def _same_kind(pair: dict) -> None:
     kinds = {isinstance(v, str) for v in pair.values()}
     if len(kinds) > 1:
-        raise InvalidRowError("'prompt', 'chosen' and 'rejected' must all be strings or all messages")
+        raise InvalidRowError(
+            "'prompt', 'chosen' and 'rejected' must all be strings or all messages"
+        )
 
 
 def prompt_of(row: dict, fmt: str) -> dict:

@@ -79,9 +79,13 @@ def _dataset_records(source: str, kind: str | None, split: str) -> Iterator[tupl
         if kind is None:
             ds = datasets.load_dataset(source, split=split)
         elif kind == "csv":  # every column a string ("12" stays text), empty fields ""
-            ds = datasets.load_dataset(kind, data_files=source, split="train",
-                                       features=_csv_string_features(source),
-                                       keep_default_na=False)
+            ds = datasets.load_dataset(
+                kind,
+                data_files=source,
+                split="train",
+                features=_csv_string_features(source),
+                keep_default_na=False,
+            )
         else:
             ds = datasets.load_dataset(kind, data_files=source, split="train")
     except Exception as e:  # datasets raises many types (network, parse, missing split)
@@ -106,7 +110,9 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]
     ext = os.path.splitext(source)[1].lower()
     if os.path.exists(source):
         if ext not in FILE_TYPES:
-            raise DataError(f"{source}: unknown file type {ext!r}; expected one of {sorted(FILE_TYPES)}")
+            raise DataError(
+                f"{source}: unknown file type {ext!r}; expected one of {sorted(FILE_TYPES)}"
+            )
         if ext == ".jsonl":
             return _jsonl_records(source)
         if ext == ".json":
@@ -117,8 +123,13 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]
     return _dataset_records(source, None, split)
 
 
-def load_rows(source: str, format: str | None = None, skip_invalid: bool = False,
-              split: str = "train", mode: str = "sft") -> tuple[list[Any], DataStats]:
+def load_rows(
+    source: str,
+    format: str | None = None,
+    skip_invalid: bool = False,
+    split: str = "train",
+    mode: str = "sft",
+) -> tuple[list[Any], DataStats]:
     """Validated, normalized rows of `source` and the stats. The format is `format` or, when
     None, the one detected on the first row that has one; every row must then fit it.
 
@@ -141,15 +152,22 @@ def load_rows(source: str, format: str | None = None, skip_invalid: bool = False
                 stats.format = formats.detect_format(row)
             out.append(_normalize(row, stats.format, mode))
         except InvalidRowError as e:
-            message = f"{source}, {where}: {e}" + (f" (format {stats.format})" if stats.format else "")
+            message = f"{source}, {where}: {e}" + (
+                f" (format {stats.format})" if stats.format else ""
+            )
             if not skip_invalid:
                 raise DataError(message) from None
             stats.skipped += 1
             if len(stats.skipped_messages) < 10:
                 stats.skipped_messages.append(message)
     if stats.skipped:
-        logger.warning("%s: skipped %d invalid row(s) of %d; first: %s", source, stats.skipped,
-                       stats.rows, stats.skipped_messages[0])
+        logger.warning(
+            "%s: skipped %d invalid row(s) of %d; first: %s",
+            source,
+            stats.skipped,
+            stats.rows,
+            stats.skipped_messages[0],
+        )
     if not out:
         raise DataError(f"{source}: no valid rows (read {stats.rows}, skipped {stats.skipped})")
     return out, stats
@@ -167,9 +185,15 @@ def _normalize(row: dict, fmt: str, mode: str):
     return formats.normalize_sft(row, fmt)
 
 
-def load_sft_dataset(source: str, tokenizer, max_length: int | None = None,
-                     format: str | None = None, packing: bool = False,
-                     skip_invalid: bool = False, split: str = "train") -> tuple[list[dict], DataStats]:
+def load_sft_dataset(
+    source: str,
+    tokenizer,
+    max_length: int | None = None,
+    format: str | None = None,
+    packing: bool = False,
+    skip_invalid: bool = False,
+    split: str = "train",
+) -> tuple[list[dict], DataStats]:
     """Tokenized SFT examples (input_ids / labels / attention_mask, or packed rows with
     position_ids when packing; packing needs max_length) and the stats."""
     if packing and not max_length:
@@ -189,9 +213,14 @@ def load_sft_dataset(source: str, tokenizer, max_length: int | None = None,
     return examples, stats
 
 
-def load_preference_dataset(source: str, tokenizer, max_length: int | None = None,
-                            format: str | None = None, skip_invalid: bool = False,
-                            split: str = "train") -> tuple[list[dict], DataStats]:
+def load_preference_dataset(
+    source: str,
+    tokenizer,
+    max_length: int | None = None,
+    format: str | None = None,
+    skip_invalid: bool = False,
+    split: str = "train",
+) -> tuple[list[dict], DataStats]:
     """Tokenized chosen / rejected pairs (ranked rows expanded to all their pairs; `group` is
     the index of the row a pair came from) and the stats."""
     rows, stats = load_rows(source, format, skip_invalid, split, "preference")
@@ -208,9 +237,14 @@ def load_preference_dataset(source: str, tokenizer, max_length: int | None = Non
     return examples, stats
 
 
-def load_prompt_dataset(source: str, tokenizer, max_length: int | None = None,
-                        format: str | None = None, skip_invalid: bool = False,
-                        split: str = "train") -> tuple[list[dict], DataStats]:
+def load_prompt_dataset(
+    source: str,
+    tokenizer,
+    max_length: int | None = None,
+    format: str | None = None,
+    skip_invalid: bool = False,
+    split: str = "train",
+) -> tuple[list[dict], DataStats]:
     """Prompts for PPO (input_ids / attention_mask / prompt text, to be left padded), taken
     from any format: a prompt field, or the turns before the final answer."""
     rows, stats = load_rows(source, format, skip_invalid, split, "prompt")
@@ -221,5 +255,8 @@ def load_prompt_dataset(source: str, tokenizer, max_length: int | None = None,
 
 def _log_dropped(stats: DataStats) -> None:
     if stats.dropped_empty:
-        logger.warning("%s: dropped %d example(s) left with no trained tokens after truncation",
-                       stats.source, stats.dropped_empty)
+        logger.warning(
+            "%s: dropped %d example(s) left with no trained tokens after truncation",
+            stats.source,
+            stats.dropped_empty,
+        )

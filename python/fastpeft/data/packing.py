@@ -57,7 +57,9 @@ def pack(examples: list[dict], max_length: int) -> list[dict]:
     return rows
 
 
-def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def packed_attention_mask(
+    position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """[B, 1, T, T] additive mask (0 where attended, dtype's min elsewhere): causal inside each
     sample, nothing across samples. A sample starts wherever position_ids does not go up by 1.
     transformers passes a 4D mask through unchanged to sdpa and eager attention."""
