@@ -139,3 +139,36 @@ def test_missing_file_and_unknown_type(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(DataError, match="no valid rows"):
         load_rows(empty)
+
+
+def test_dataset_folder_goes_through_datasets_like_a_hub_id(tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    with open(example("messages.jsonl")) as f:
+        (folder / "train.jsonl").write_text(f.read())
+    examples, stats = load_sft_dataset(str(folder), smollm2_tokenizer())
+    reference, _ = load_sft_dataset(example("messages.jsonl"), smollm2_tokenizer())
+    assert examples == reference and stats.format == "messages"
+    with pytest.raises(DataError, match="my_dataset: cannot load: .*split"):
+        load_rows(str(folder), split="validation")
+
+
+def test_a_template_that_rewrites_earlier_turns_is_a_row_error(tmp_path):
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer())
+    # Marks the last message: a prefix render is then not a prefix of the whole conversation.
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.last %}[last]{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    path = write_jsonl(tmp_path / "chat.jsonl", read_jsonl_lines(example("messages.jsonl"))[:2])
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 1: the chat template does not render"):
+        load_sft_dataset(path, tok)
+    with pytest.raises(DataError, match="no valid rows"):
+        load_sft_dataset(path, tok, skip_invalid=True)
+
+
+def read_jsonl_lines(path):
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f]

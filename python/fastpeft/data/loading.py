@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,9 +105,11 @@ def _csv_string_features(path: str):
 
 
 def read_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
-    """(location, row) for each row of a local file or hub dataset; row is an InvalidRowError
-    where the row could not even be parsed."""
+    """(location, row) for each row of a local file, a local dataset folder or a hub id (the
+    `split` of the last two); row is an InvalidRowError where it could not even be parsed."""
     ext = os.path.splitext(source)[1].lower()
+    if os.path.isdir(source):  # a saved or raw dataset folder: datasets picks the builder
+        return _dataset_records(source, None, split)
     if os.path.exists(source):
         if ext not in FILE_TYPES:
             raise DataError(
@@ -129,12 +131,14 @@ def load_rows(
     skip_invalid: bool = False,
     split: str = "train",
     mode: str = "sft",
+    transform: Callable[[Any], Any] | None = None,
 ) -> tuple[list[Any], DataStats]:
     """Validated, normalized rows of `source` and the stats. The format is `format` or, when
     None, the one detected on the first row that has one; every row must then fit it.
 
     mode: "sft" -> formats.normalize_sft per row; "preference" -> a list of pairs per row;
-    "prompt" -> formats.prompt_of per row."""
+    "prompt" -> formats.prompt_of per row. transform (e.g. tokenization) is applied to each
+    normalized row inside the same check, so its errors name the row too."""
     if format is not None and format not in formats.FORMATS:
         raise ValueError(f"format must be one of {formats.FORMATS}, got {format!r}")
     if mode not in ("sft", "preference", "prompt"):
@@ -150,7 +154,8 @@ def load_rows(
                 raise InvalidRowError(f"expected a JSON object, got {type(row).__name__}")
             if stats.format is None:
                 stats.format = formats.detect_format(row)
-            out.append(_normalize(row, stats.format, mode))
+            normalized = _normalize(row, stats.format, mode)
+            out.append(transform(normalized) if transform else normalized)
         except InvalidRowError as e:
             message = f"{source}, {where}: {e}" + (
                 f" (format {stats.format})" if stats.format else ""
@@ -198,10 +203,16 @@ def load_sft_dataset(
     position_ids when packing; packing needs max_length) and the stats."""
     if packing and not max_length:
         raise ValueError("packing needs max_length")
-    rows, stats = load_rows(source, format, skip_invalid, split, "sft")
+    tokenized, stats = load_rows(
+        source,
+        format,
+        skip_invalid,
+        split,
+        "sft",
+        transform=lambda sft: tokenize_sft(tokenizer, sft, max_length),
+    )
     examples = []
-    for sft in rows:
-        ex = tokenize_sft(tokenizer, sft, max_length)
+    for ex in tokenized:
         if num_trained(ex) == 0:
             stats.dropped_empty += 1
             continue
@@ -223,11 +234,17 @@ def load_preference_dataset(
 ) -> tuple[list[dict], DataStats]:
     """Tokenized chosen / rejected pairs (ranked rows expanded to all their pairs; `group` is
     the index of the row a pair came from) and the stats."""
-    rows, stats = load_rows(source, format, skip_invalid, split, "preference")
+    tokenized, stats = load_rows(
+        source,
+        format,
+        skip_invalid,
+        split,
+        "preference",
+        transform=lambda pairs: [tokenize_pair(tokenizer, p, max_length) for p in pairs],
+    )
     examples = []
-    for group, pairs in enumerate(rows):
-        for pair in pairs:
-            ex = tokenize_pair(tokenizer, pair, max_length)
+    for group, pairs in enumerate(tokenized):
+        for ex in pairs:
             if num_trained(ex, "chosen_") == 0 or num_trained(ex, "rejected_") == 0:
                 stats.dropped_empty += 1
                 continue
@@ -247,8 +264,14 @@ def load_prompt_dataset(
 ) -> tuple[list[dict], DataStats]:
     """Prompts for PPO (input_ids / attention_mask / prompt text, to be left padded), taken
     from any format: a prompt field, or the turns before the final answer."""
-    rows, stats = load_rows(source, format, skip_invalid, split, "prompt")
-    examples = [tokenize_prompt(tokenizer, p, max_length) for p in rows]
+    examples, stats = load_rows(
+        source,
+        format,
+        skip_invalid,
+        split,
+        "prompt",
+        transform=lambda p: tokenize_prompt(tokenizer, p, max_length),
+    )
     stats.examples = len(examples)
     return examples, stats
 

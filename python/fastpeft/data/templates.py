@@ -5,6 +5,8 @@ turn at a time and taking the text each assistant turn adds after the generation
 
 from __future__ import annotations
 
+from fastpeft.data.formats import InvalidRowError
+
 ALPACA_PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -76,7 +78,7 @@ def turn_segments(tokenizer, kind: str, turns: list[dict]) -> list[tuple[str, bo
             continue
         prompt, upto = render(turns[:k], True), render(turns[: k + 1], False)
         if not (upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= cursor):
-            raise ValueError(
+            raise InvalidRowError(
                 "the chat template does not render a conversation as a prefix of its "
                 "continuation, so the assistant turns cannot be located"
             )
