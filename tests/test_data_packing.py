@@ -170,3 +170,30 @@ def test_collator_pads_packed_rows_as_their_own_sample():
         assert (batch["labels"][r, n:] == -100).all()
     with pytest.raises(ValueError, match="padded on the right"):
         Collator(padding_side="left")(rows)
+
+
+def test_packed_batch_through_fastpeft_fused_loss():
+    """The loss a patched model computes with linear_cross_entropy (train mode) on a packed
+    batch equals the unpacked mean loss."""
+    import fastpeft
+
+    model = tiny_model("llama")
+    examples = synthetic_examples()
+    with torch.no_grad():
+        total = sum(
+            token_losses(
+                model(torch.tensor([e["input_ids"]])).logits[0], torch.tensor(e["labels"])
+            ).sum()
+            for e in examples
+        )
+    n_trained = sum(sum(t != -100 for t in e["labels"][1:]) for e in examples)
+    model = fastpeft.patch(model, fastpeft.LoraConfig(r=4, target_modules="all-linear")).train()
+    batch = Collator()(pack(examples, 24))
+    out = model(
+        batch["input_ids"],
+        position_ids=batch["position_ids"],
+        labels=batch["labels"],
+        use_cache=False,
+    )
+    assert out.logits is None  # the fused path ran
+    torch.testing.assert_close(out.loss.detach(), total / n_trained, atol=1e-5, rtol=1e-5)
