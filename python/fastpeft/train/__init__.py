@@ -1,0 +1,11 @@
+"""Training: the generic loop (Trainer, TrainConfig, atomic checkpoints, logs) and the stages
+built on it (SFTTrainer)."""
+
+from fastpeft.train.checkpoint import latest_checkpoint, list_checkpoints
+from fastpeft.train.config import TrainConfig
+from fastpeft.train.loop import NonFiniteLossError, Trainer
+from fastpeft.train.metrics import plot_metrics, read_metrics
+from fastpeft.train.sft import SFTTrainer
+
+__all__ = ["NonFiniteLossError", "SFTTrainer", "TrainConfig", "Trainer", "latest_checkpoint",
+           "list_checkpoints", "plot_metrics", "read_metrics"]
