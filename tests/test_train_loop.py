@@ -68,6 +68,7 @@ def test_resume_auto_skips_half_written_checkpoints(tmp_path):
                          random_examples())
     trainer.setup()
     assert trainer.resumed_from.endswith("checkpoint-4") and trainer.step == 4
+    assert not os.path.exists(out / ".tmp-checkpoint-10-1")  # leftovers are cleaned up
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         SFTTrainer(lora_model(), None, config(out, resume=str(out / "checkpoint-8")),
                    random_examples()).setup()

@@ -118,6 +118,21 @@ def prune_checkpoints(output_dir: str, keep_last: int | None) -> list[str]:
     return removed
 
 
+def remove_leftovers(output_dir: str) -> list[str]:
+    """Delete temporary directories that an interrupted save left in output_dir (one writer
+    per output_dir is assumed). Returns them."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and (name.startswith(".tmp-checkpoint-")
+                                    or re.match(r"^checkpoint-\d+\.old-\d+$", name)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def read_checkpoint(path: str, map_location="cpu") -> dict:
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker or "

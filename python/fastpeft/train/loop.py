@@ -204,6 +204,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.warmup_steps, self.total_steps, cfg.scheduler))
         os.makedirs(cfg.output_dir, exist_ok=True)
+        ckpt.remove_leftovers(cfg.output_dir)
         self.logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard)
         path = None
         if cfg.resume == "auto":
