@@ -175,8 +175,10 @@ def test_epochs_and_bad_config(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path):
-    plain = run(tmp_path / "plain", max_steps=3)
-    ckpt = run(tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True)
+    # with LoRA dropout: the recompute must draw the same masks
+    plain = run(tmp_path / "plain", model=lora_model(dropout=0.2), max_steps=3)
+    ckpt = run(tmp_path / "ckpt", model=lora_model(dropout=0.2), max_steps=3,
+               gradient_checkpointing=True)
     assert ckpt.model.model.gradient_checkpointing
     assert [h["loss"] for h in ckpt.history] == pytest.approx(
         [h["loss"] for h in plain.history], abs=1e-6)
