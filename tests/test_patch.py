@@ -237,3 +237,30 @@ def test_a_deepcopy_of_a_patched_model_is_independent():
     fastpeft.unpatch(twin)
     assert not twin._forward_pre_hooks and "generate" not in twin.__dict__
     torch.testing.assert_close(outputs(twin, ids), outputs(model, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [
+    fastpeft.LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear",
+                        init_lora_weights=False),
+    fastpeft.IA3Config(),
+    fastpeft.AdapterConfig(),
+    fastpeft.PrefixTuningConfig(num_virtual_tokens=3),
+    fastpeft.PromptTuningConfig(num_virtual_tokens=3),
+], ids=lambda c: c.peft_type)
+def test_bf16_autocast_training(config):
+    """Under torch.autocast the fused ops get bf16 inputs, as F.linear would; the fp32 adapter
+    parameters get finite fp32 gradients and the loss stays near the fp32 one."""
+    model = fastpeft.patch(tiny_model("llama"), config)
+    model.train()
+    ids = tiny_inputs()
+    torch.manual_seed(3)
+    fp32 = model(ids, labels=ids).loss.item()
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert abs(loss.item() - fp32) < 0.02 * fp32
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    assert any(p.grad.abs().sum() > 0 for p in trainable)

@@ -186,8 +186,6 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path):
 
 
 def test_bf16_autocast_full_fine_tuning(tmp_path):
-    # A model without fastpeft layers (full fine-tuning): fastpeft's fused ops do not take
-    # part in autocast yet (their dtype checks refuse bf16 activations with fp32 weights).
     from _models import tiny_model
 
     model = tiny_model("llama")
@@ -196,6 +194,15 @@ def test_bf16_autocast_full_fine_tuning(tmp_path):
     losses = [h["loss"] for h in trainer.history]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert os.path.isfile(tmp_path / "model" / "config.json")
+
+
+def test_bf16_autocast_with_lora(tmp_path):
+    """The fused ops take part in autocast through the tuner layers (tuners.base.autocast_like)."""
+    trainer = run(tmp_path, model=lora_model(dropout=0.1), max_steps=3, dtype="bf16",
+                  gradient_checkpointing=True, lr=1e-3)
+    losses = [h["loss"] for h in trainer.history]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
 
 
 _KILLED_RUN = r"""

@@ -89,6 +89,7 @@ def fused_loss_forward(self: nn.Module, *args: Any, **kwargs: Any):
             or kwargs.get("return_dict") is False):
         return own(self, **kwargs)
     from fastpeft.ops import linear_cross_entropy
+    from fastpeft.tuners.base import autocast_like
 
     kwargs.pop("labels")
     kwargs.pop("logits_to_keep", None)
@@ -97,7 +98,7 @@ def fused_loss_forward(self: nn.Module, *args: Any, **kwargs: Any):
     outputs = base(**kwargs)
     hidden = outputs[0]
     shift_labels = labels[..., 1:].to(hidden.device)
-    hidden = hidden[..., :-1, :]
+    hidden, weight = autocast_like(hidden[..., :-1, :], weight)  # the head's dtype under autocast
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
                                 shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
     if num_items is not None:

@@ -11,6 +11,16 @@ import torch
 from torch import nn
 
 
+def autocast_like(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
+    """(x, *tensors) as torch.autocast would hand them to F.linear: under autocast for x's
+    device, every tensor in the autocast dtype (the fused ops take one dtype); else as given."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t is None else t.to(dtype) for t in (x, *tensors))
+
+
 class TunerLayer(nn.Module):
     """A base nn.Linear (or transformers Conv1D) with adapters of one method, kept by name in
     the nn.ModuleDict / nn.ParameterDict attributes listed in `adapter_attrs` (peft's attribute

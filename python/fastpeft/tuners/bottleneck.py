@@ -15,7 +15,7 @@ from torch import nn
 
 from fastpeft import ops
 from fastpeft.ops.reference import canonical_activation
-from fastpeft.tuners.base import TunerLayer
+from fastpeft.tuners.base import TunerLayer, autocast_like
 from fastpeft.tuners.config import AdapterConfig
 
 
@@ -58,6 +58,8 @@ class BottleneckAdapter(TunerLayer):
             return h
         for name in self.active_adapters:
             down, up = self.adapter_down[name], self.adapter_up[name]
-            h = ops.adapter_bottleneck(h, down.weight, down.bias, up.weight, up.bias,
-                                       self.activation[name], self.scaling[name])
+            h = ops.adapter_bottleneck(
+                *autocast_like(h, down.weight, down.bias, up.weight, up.bias),
+                self.activation[name], self.scaling[name],
+            )
         return h

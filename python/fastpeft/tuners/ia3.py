@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastpeft import ops
-from fastpeft.tuners.base import TunerLayer
+from fastpeft.tuners.base import TunerLayer, autocast_like
 from fastpeft.tuners.config import IA3Config
 
 # peft divides by l + 1e-8 when it unmerges (IA3's unmerge is only approximate).
@@ -80,5 +80,5 @@ class IA3Linear(TunerLayer):
         if self.disabled or not active:
             return self.base_layer(x, *args, **kwargs)
         scale = self._scale(active)
-        return ops.ia3_linear(x, self.base_weight(), self.base_layer.bias, scale.to(x.dtype),
-                              self.is_feedforward)
+        x, weight, bias, scale = autocast_like(x, self.base_weight(), self.base_layer.bias, scale)
+        return ops.ia3_linear(x, weight, bias, scale.to(x.dtype), self.is_feedforward)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft import ops
-from fastpeft.tuners.base import TunerLayer
+from fastpeft.tuners.base import TunerLayer, autocast_like
 from fastpeft.tuners.config import LoraConfig
 
 
@@ -149,9 +149,9 @@ class LoraLinear(TunerLayer):
                 result = self._dora_forward(name, x, result)
             elif result is None:
                 result = ops.lora_linear(
-                    x, self.base_weight(), self.base_layer.bias, self.lora_A[name].weight,
-                    self.lora_B[name].weight, self.scaling[name], self.lora_dropout[name],
-                    self.training,
+                    *autocast_like(x, self.base_weight(), self.base_layer.bias,
+                                   self.lora_A[name].weight, self.lora_B[name].weight),
+                    self.scaling[name], self.lora_dropout[name], self.training,
                 )
             else:
                 result = result + self._lora_branch(name, x)
@@ -207,8 +207,10 @@ class LoraLinear(TunerLayer):
         r = max(self.r[n] for n in used)
         lora_a = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r - self.r[n])) for n in used])
         lora_b = torch.stack([F.pad(self.lora_B[n].weight, (0, r - self.r[n])) for n in used])
-        return ops.lora_linear_multi(x, self.base_weight(), self.base_layer.bias, lora_a, lora_b,
-                                     [self.scaling[n] for n in used], ids)
+        return ops.lora_linear_multi(
+            *autocast_like(x, self.base_weight(), self.base_layer.bias, lora_a, lora_b),
+            [self.scaling[n] for n in used], ids,
+        )
 
     def _mixed_batch_with_dropout(self, x, ids, used, args, kwargs) -> torch.Tensor:
         """Training with LoRA dropout (lora_linear_multi has none): per adapter in torch."""

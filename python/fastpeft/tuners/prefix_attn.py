@@ -187,8 +187,11 @@ def prefix_attention_forward(
         return _original_attention(module, query, key, value, attention_mask, scaling, dropout,
                                    **kwargs)
     from fastpeft.ops import prefix_attention
+    from fastpeft.tuners.base import autocast_like
 
     pk, pv = prefix.layer(module.layer_idx)
+    # Under autocast, what SDPA would get: q, k, v in the autocast dtype (RoPE leaves q, k fp32).
+    query, key, value = autocast_like(query, key, value)
     pk, pv = pk.to(query), pv.to(query)  # the model's dtype and this layer's device
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
