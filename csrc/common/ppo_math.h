@@ -179,4 +179,28 @@ inline void check_whiten_backward_args(const at::Tensor& grad_out, const at::Ten
               stats.scalar_type());
 }
 
+// GAE over one row of T steps, backwards: delta_t = r_t + gamma * V_next - V_t,
+// A_t = delta_t + gamma * lam * A_next, returns A_t + V_t. Positions where mask is false get 0
+// and are skipped (V_next and A_next pass through them); the value after the row's end is 0.
+// acc_t is the accumulation type (fp32 for bf16 / fp16).
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline void gae_row(const scalar_t* rewards, const scalar_t* values,
+                                    const bool* mask, int64_t T, acc_t gamma, acc_t lam,
+                                    scalar_t* adv, scalar_t* ret) {
+  const acc_t gl = gamma * lam;
+  acc_t next_value = 0, last = 0;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    if (!mask[t]) {
+      adv[t] = scalar_t(0);
+      ret[t] = scalar_t(0);
+      continue;
+    }
+    const acc_t v = acc_t(values[t]);
+    last = (acc_t(rewards[t]) + gamma * next_value - v) + gl * last;
+    next_value = v;
+    adv[t] = static_cast<scalar_t>(last);
+    ret[t] = static_cast<scalar_t>(last + v);
+  }
+}
+
 }  // namespace fastpeft

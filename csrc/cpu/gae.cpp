@@ -30,25 +30,12 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards_in, const Tensor& value
     const scalar_t *rp = rewards.const_data_ptr<scalar_t>(), *vp = values.const_data_ptr<scalar_t>();
     const bool* mp = mask.const_data_ptr<bool>();
     scalar_t *ap = adv.mutable_data_ptr<scalar_t>(), *qp = ret.mutable_data_ptr<scalar_t>();
-    const T g = T(gamma), gl = T(gamma) * T(lam);
     // Rows in parallel from 64K elements on (below, the pool's wake-up costs more than the scan).
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(T_, 1));
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o = b * T_;
-        T next_value = 0, last = 0;
-        for (int64_t t = T_ - 1; t >= 0; --t) {
-          if (!mp[o + t]) {
-            ap[o + t] = scalar_t(0);
-            qp[o + t] = scalar_t(0);
-            continue;
-          }
-          const T v = T(vp[o + t]);
-          last = (T(rp[o + t]) + g * next_value - v) + gl * last;
-          next_value = v;
-          ap[o + t] = static_cast<scalar_t>(last);
-          qp[o + t] = static_cast<scalar_t>(last + v);
-        }
+        gae_row<T>(rp + o, vp + o, mp + o, T_, T(gamma), T(lam), ap + o, qp + o);
       }
     });
   });

@@ -25,21 +25,9 @@ __global__ void gae_kernel(const scalar_t* __restrict__ rewards,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
-  const acc_t g = acc_t(gamma), gl = acc_t(gamma) * acc_t(lam);
   const int64_t o = b * T;
-  acc_t next_value = 0, last = 0;
-  for (int64_t t = T - 1; t >= 0; --t) {
-    if (!mask[o + t]) {
-      adv[o + t] = scalar_t(0);
-      ret[o + t] = scalar_t(0);
-      continue;
-    }
-    const acc_t v = acc_t(values[o + t]);
-    last = (acc_t(rewards[o + t]) + g * next_value - v) + gl * last;
-    next_value = v;
-    adv[o + t] = static_cast<scalar_t>(last);
-    ret[o + t] = static_cast<scalar_t>(last + v);
-  }
+  gae_row<acc_t>(rewards + o, values + o, mask + o, T, acc_t(gamma), acc_t(lam), adv + o,
+                 ret + o);
 }
 
 }  // namespace
