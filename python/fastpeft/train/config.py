@@ -57,3 +57,105 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_choice(block: str, obj, key: str, allowed: tuple) -> None:
+    if getattr(obj, key) not in allowed:
+        raise ValueError(f"{block}.{key}: {getattr(obj, key)!r} is not one of {allowed}")
+
+
+def _check_range(block: str, obj, key: str, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, optional: bool = False) -> None:
+    value = getattr(obj, key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{block}.{key} must be a number, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{block}.{key} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{block}.{key} must be <= {hi}, got {value!r}")
+
+
+@dataclass
+class RewardConfig:
+    """The reward-model stage (the `rm:` block): pairwise_reward_loss(chosen, rejected,
+    margin, center_coef) on the scores a scalar head reads at the last non-pad token."""
+
+    margin: float | None = None  # a fixed margin; a "margin" field in the data wins per pair
+    center_rewards_coefficient: float = 0.0  # TRL's name
+
+    def __post_init__(self):
+        _check_range("rm", self, "margin", optional=True)
+        _check_range("rm", self, "center_rewards_coefficient", lo=0.0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DPOConfig:
+    """The DPO stage (the `dpo:` block): dpo_loss with the reference = the same base with the
+    adapters disabled (or, for full fine-tuning, a frozen copy)."""
+
+    beta: float = 0.1
+
+    def __post_init__(self):
+        _check_range("dpo", self, "beta", lo=0.0, lo_open=True)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PPOConfig:
+    """The PPO stage (the `ppo:` block), with TRL's names and defaults where TRL has them.
+
+    reward_fn: "path/to/file.py:function" or "package.module:function", called as
+        fn(prompts: list[str], completions: list[str]) -> list[float]; or reward_model: a
+        directory written by the reward-model stage. Exactly one of the two.
+    """
+
+    reward_fn: str | None = None
+    reward_model: str | None = None
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1 | k3 (the per-token KL penalty in the reward)
+    adaptive_kl: bool = False  # Ziegler et al.'s proportional controller towards target_kl
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    response_length: int = 53
+    temperature: float = 0.7
+    top_p: float = 1.0
+    missing_eos_penalty: float | None = None
+    whiten_rewards: bool = False
+
+    def __post_init__(self):
+        if (self.reward_fn is None) == (self.reward_model is None):
+            raise ValueError("ppo: set exactly one of ppo.reward_fn (\"file.py:function\") and "
+                             f"ppo.reward_model (a reward-model directory), got reward_fn="
+                             f"{self.reward_fn!r}, reward_model={self.reward_model!r}")
+        _check_choice("ppo", self, "kl_estimator", ("k1", "k3"))
+        _check_range("ppo", self, "kl_coef", lo=0.0)
+        _check_range("ppo", self, "target_kl", lo=0.0, lo_open=True)
+        _check_range("ppo", self, "kl_horizon", lo=1)
+        _check_range("ppo", self, "cliprange", lo=0.0, lo_open=True)
+        _check_range("ppo", self, "cliprange_value", lo=0.0, lo_open=True)
+        _check_range("ppo", self, "vf_coef", lo=0.0)
+        _check_range("ppo", self, "gamma", lo=0.0, hi=1.0)
+        _check_range("ppo", self, "lam", lo=0.0, hi=1.0)
+        _check_range("ppo", self, "num_ppo_epochs", lo=1)
+        _check_range("ppo", self, "num_mini_batches", lo=1)
+        _check_range("ppo", self, "response_length", lo=1)
+        _check_range("ppo", self, "temperature", lo=0.0, lo_open=True)
+        _check_range("ppo", self, "top_p", lo=0.0, hi=1.0, lo_open=True)
+        _check_range("ppo", self, "missing_eos_penalty", optional=True)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
