@@ -277,6 +277,10 @@ def model_name_or_path(model: nn.Module) -> str | None:
 def _same_base(a: str, b: str) -> bool:
     if a == b:
         return True
+    from fastpeft.models import is_default_model
+
+    if is_default_model(a) and is_default_model(b):  # an alias and the directory it loads
+        return True
     if os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b):
         return True
     last = [os.path.basename(os.path.normpath(x.replace("\\", "/"))) for x in (a, b)]
