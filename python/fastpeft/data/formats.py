@@ -143,6 +143,8 @@ def normalize_preference(row: dict, fmt: str) -> list[dict]:
     if fmt == "preference":
         pair = {k: _text_or_messages(row, k) for k in ("prompt", "chosen", "rejected")}
         _same_kind(pair)
+        if row.get("margin") is not None:  # TRL's per-pair margin for reward models
+            pair["margin"] = _margin(row["margin"])
         return [pair]
     if fmt == "ranked":
         prompt = _text_or_messages(row, "prompt")
@@ -167,6 +169,16 @@ def normalize_preference(row: dict, fmt: str) -> list[dict]:
             _same_kind(p)
         return pairs
     raise ValueError(f"format must be one of {PREFERENCE_FORMATS} for preference data, got {fmt!r}")
+
+
+def _margin(value: Any) -> float:
+    """A number (or, from CSV, a string holding one)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidRowError(f"'margin' must be a number, got {value!r}") from None
 
 
 def _same_kind(pair: dict) -> None:

@@ -74,12 +74,14 @@ def pair_to_sft(pair: dict) -> tuple[dict, dict]:
 
 def tokenize_pair(tokenizer, pair: dict, max_length: int | None = None) -> dict[str, list[int]]:
     """chosen_* and rejected_* input_ids / labels / attention_mask (prompt masked), for reward
-    models and DPO."""
+    models and DPO; a pair's "margin" (reward models) is kept."""
     chosen, rejected = pair_to_sft(pair)
     out = {}
     for side, sft in (("chosen", chosen), ("rejected", rejected)):
         for key, value in tokenize_sft(tokenizer, sft, max_length).items():
             out[f"{side}_{key}"] = value
+    if pair.get("margin") is not None:
+        out["margin"] = pair["margin"]
     return out
 
 
