@@ -486,6 +486,9 @@ class Trainer:
         mods = [fully_shard(m) for m in layers] + [fully_shard(self.model)]
         for m in mods:
             m.set_gradient_divide_factor(1.0)
+            # plain SUM collectives (a factor != world size would use NCCL's PreMulSum, which
+            # gloo lacks; with factor 1 the extra scaling is a no-op)
+            m.set_force_sum_reduction_for_comms(True)
         self._fsdp = True
 
     @contextlib.contextmanager

@@ -1,0 +1,42 @@
+"""Runs under torchrun (tests/test_train_distributed.py): SFT of the tiny LoRA Llama of
+tests/_train.py on CPU processes with gloo, one run per "name:batch_size:grad_accum:fsdp" spec
+given on the command line, each into OUT/<name>/. Dropout 0, one thread per process."""
+
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _train import config, lora_model, pattern_examples  # noqa: E402
+
+from fastpeft.train import SFTTrainer, distributed  # noqa: E402
+
+N_TRAIN, N_EVAL = 17, 7  # not multiples of the global batch: short last batches, filler rows
+
+
+def run(out: str, batch_size: int, grad_accum: int, fsdp: bool) -> None:
+    cfg = config(out, max_steps=None, epochs=2, batch_size=batch_size, grad_accum=grad_accum,
+                 lr=1e-2, warmup_steps=2, eval_every=4, save_every=4, keep_last=2, fsdp=fsdp)
+    trainer = SFTTrainer(lora_model(init_seed=0, dropout=0.0), None, cfg,
+                         pattern_examples(N_TRAIN, seed=0),
+                         eval_dataset=pattern_examples(N_EVAL, seed=1))
+    trainer.train()
+    # every rank leaves a note, to check that the ranks saw the same losses
+    with open(os.path.join(out, f"rank{distributed.rank()}.txt"), "w") as f:
+        f.write(" ".join(repr(h["loss"]) for h in trainer.history) + "\n")
+
+
+def main() -> None:
+    out = sys.argv[1]
+    distributed.init_distributed()
+    for spec in sys.argv[2:]:
+        name, bs, accum, fsdp = spec.split(":")
+        run(os.path.join(out, name), int(bs), int(accum), fsdp == "1")
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()
