@@ -30,7 +30,7 @@ def runs(tmp_path_factory):
                                          os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "_dist_sft.py"), str(out), "ddp:2:1:0", "accum:1:2:0",
-           "fsdp:2:1:1"]
+           "fsdp:2:1:1", "ddp_resumed:2:1:0:6", "fsdp_resumed:2:1:1:6"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     threads = torch.get_num_threads()
@@ -99,3 +99,18 @@ def test_fsdp_outside_torchrun_is_a_clear_error(tmp_path, monkeypatch):
         trainer.train()
     with pytest.raises(ValueError, match=r"train.fsdp must be true or false, got 'yes'"):
         TrainConfig(fsdp="yes")
+
+
+@pytest.mark.parametrize("two", ["ddp", "fsdp"])
+def test_a_resumed_two_process_run_reproduces_the_uninterrupted_one(runs, two):
+    """Stopped after step 6 (checkpoint-4), resumed by every rank from checkpoint-4."""
+    a, b = runs / (two + "_resumed"), runs / two
+    for r in (0, 1):  # each rank's resumed run trained steps 5..10 only
+        steps = [int(x.split(":")[0]) for x in (a / f"rank{r}.txt").read_text().split()]
+        assert steps == list(range(5, 11))
+    for key in ("loss", "eval_loss"):
+        ca, cb = curve(a, key), curve(b, key)
+        assert [s for s, _ in ca] == [s for s, _ in cb]
+        assert [v for _, v in ca] == pytest.approx([v for _, v in cb], abs=1e-6)
+    wa, wb = adapter(a), adapter(b)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
