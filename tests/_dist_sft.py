@@ -1,7 +1,8 @@
 """Runs under torchrun (tests/test_train_distributed.py): SFT of the tiny LoRA Llama of
 tests/_train.py on CPU processes with gloo, one run per "name:batch_size:grad_accum:fsdp[:crash]"
 spec given on the command line, each into OUT/<name>/ (with crash: the run stops after that
-step, then a second run resumes it with resume="auto"). Dropout 0, one thread per process."""
+step, then a second run resumes it with resume="auto"). FSDP runs also use (non-reentrant)
+gradient checkpointing. Dropout 0, one thread per process."""
 
 import os
 import sys
@@ -34,7 +35,7 @@ def run(out: str, batch_size: int, grad_accum: int, fsdp: bool, crash_at: int | 
         resume: str | None = None) -> None:
     cfg = config(out, max_steps=None, epochs=2, batch_size=batch_size, grad_accum=grad_accum,
                  lr=1e-2, warmup_steps=2, eval_every=4, save_every=4, keep_last=2, fsdp=fsdp,
-                 resume=resume)
+                 gradient_checkpointing=fsdp, resume=resume)
     trainer = CrashingSFT(lora_model(init_seed=0, dropout=0.0), None, cfg,
                           pattern_examples(N_TRAIN, seed=0),
                           eval_dataset=pattern_examples(N_EVAL, seed=1))

@@ -606,10 +606,11 @@ class Trainer:
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == distributed.world_size():
             ckpt.set_rng_state(per_rank[distributed.rank()])
-        else:  # another world size: rank 0's state, offset per rank as at the start
+        else:  # another world size: rank 0 takes rank 0's state, the others fresh seeds
             ckpt.set_rng_state(state["rng"])
             if distributed.rank():
-                seed_everything(self.config.seed + distributed.rank() + 1_000_003 * self.step)
+                seed_everything(self.config.seed + distributed.rank()
+                                + 1_000_003 * state["step"])
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.batch_index = state["batch_index"]
