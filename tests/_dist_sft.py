@@ -31,6 +31,31 @@ class CrashingSFT(SFTTrainer):
             raise Crash(f"step {step}")
 
 
+class NanOnRank1(SFTTrainer):
+    """A NaN loss on rank 1 only, at step 3."""
+
+    def compute_loss(self, batch, num_items):
+        loss, metrics = super().compute_loss(batch, num_items)
+        if distributed.rank() == 1 and self.step + 1 == 3:
+            loss = loss * float("nan")
+        return loss, metrics
+
+
+def run_nan(out: str) -> None:
+    """Every rank must stop at step 3 with the same error (not hang in a collective)."""
+    from fastpeft.train import NonFiniteLossError
+
+    trainer = NanOnRank1(lora_model(), None, config(out, max_steps=5, batch_size=2),
+                         pattern_examples(N_TRAIN, seed=0))
+    try:
+        trainer.train()
+        message = "no error"
+    except NonFiniteLossError as e:
+        message = str(e)
+    with open(os.path.join(out, f"nan{distributed.rank()}.txt"), "w") as f:
+        f.write(message)
+
+
 def run(out: str, batch_size: int, grad_accum: int, fsdp: bool, crash_at: int | None = None,
         resume: str | None = None) -> None:
     cfg = config(out, max_steps=None, epochs=2, batch_size=batch_size, grad_accum=grad_accum,
@@ -53,6 +78,9 @@ def main() -> None:
     out = sys.argv[1]
     distributed.init_distributed()
     for spec in sys.argv[2:]:
+        if spec == "nan":
+            run_nan(os.path.join(out, "nan"))
+            continue
         name, bs, accum, fsdp, *crash = spec.split(":")
         if crash:  # stop after step `crash` (checkpoint at 4), then resume="auto"
             run(os.path.join(out, name), int(bs), int(accum), fsdp == "1", int(crash[0]))

@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
                                          os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "_dist_sft.py"), str(out), "ddp:2:1:0", "accum:1:2:0",
-           "fsdp:2:1:1", "ddp_resumed:2:1:0:6", "fsdp_resumed:2:1:1:6"]
+           "fsdp:2:1:1", "ddp_resumed:2:1:0:6", "fsdp_resumed:2:1:1:6", "nan"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     threads = torch.get_num_threads()
@@ -115,3 +115,10 @@ def test_a_resumed_two_process_run_reproduces_the_uninterrupted_one(runs, two):
         assert [v for _, v in ca] == pytest.approx([v for _, v in cb], abs=1e-6)
     wa, wb = adapter(a), adapter(b)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(runs):
+    for r in (0, 1):
+        message = (runs / "nan" / f"nan{r}.txt").read_text()
+        assert message.startswith("step 3: the loss is nan"), message
+    assert [s for s, _ in curve(runs / "nan")] == [1, 2]
