@@ -9,7 +9,9 @@ from dataclasses import dataclass
 @dataclass
 class TrainConfig:
     """Settings of `Trainer`. One optimizer step consumes `grad_accum` micro-batches of
-    `batch_size` examples; `max_steps` (when set) wins over `epochs`."""
+    `batch_size` examples per process (W processes under torchrun: a global batch of
+    batch_size x W x grad_accum); `max_steps` (optimizer steps, when set) wins over `epochs`
+    (passes over the whole dataset, shared among the ranks)."""
 
     output_dir: str = "out"
     max_steps: int | None = None
@@ -29,6 +31,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # FSDP2 (fully_shard per decoder layer + root); needs torchrun
     resume: str | None = None  # "auto" | a checkpoint directory | None
     on_nan: str = "stop"  # stop | skip
     log_every: int = 1
@@ -42,6 +45,8 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"train.{key}: {getattr(self, key)!r} is not one of {allowed}")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"train.fsdp must be true or false, got {self.fsdp!r}")
         positive = ("batch_size", "grad_accum", "log_every")
         for key in positive:
             if int(getattr(self, key)) < 1:

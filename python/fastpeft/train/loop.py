@@ -10,6 +10,14 @@ seeded by (seed, epoch) with its own generator, so the data position (epoch, bat
 a checkpoint needs to continue the same order. One optimizer step consumes `grad_accum`
 micro-batches; each micro-batch loss is normalised by the labelled items of the whole step
 (`num_items`), so batch_size=1 x grad_accum=2 gives the same update as 2 x 1.
+
+Distributed (torchrun, see train/distributed.py): batch_size is per process. Global micro-batch b
+is perm[b*B*W:(b+1)*B*W] (B = batch_size, W = world size) and rank r takes the r-th of W
+contiguous near-equal parts; num_items is summed over ranks before compute_loss and the trainable
+gradients are summed over ranks once per optimizer step (`sync_gradients`), so W processes x B
+give the update of 1 process x W*B. With train.fsdp the model is sharded with FSDP2
+(fully_shard), whose reduce-scatter sums the gradients instead. Only rank 0 writes logs, plots,
+checkpoints and the final model.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ import torch
 from torch import nn
 
 from fastpeft.train import checkpoint as ckpt
+from fastpeft.train import distributed
 from fastpeft.train.config import TrainConfig
-from fastpeft.train.metrics import MetricsLogger, plot_metrics
+from fastpeft.train.metrics import MetricsLogger, NullLogger, plot_metrics
 
 IGNORE_INDEX = -100
 
@@ -82,6 +91,10 @@ class Trainer:
         self.history: list[dict] = []
         self._perm_cache: tuple[int, list[int]] | None = None
         self._ready = False
+        self._fsdp = False
+        # True when the last next_batch() had no rows for this rank (the last, short global
+        # micro-batch of an epoch) and returned a stand-in row whose loss counts 0.
+        self.batch_is_filler = False
 
     # ---- hooks for the stages -------------------------------------------------------------
 
@@ -119,16 +132,32 @@ class Trainer:
         total, count = 0.0, 0
         try:
             with torch.no_grad(), self.autocast():
-                for start in range(0, len(self.eval_dataset), self.config.batch_size):
-                    rows = [self.eval_dataset[i] for i in
-                            range(start, min(start + self.config.batch_size,
-                                             len(self.eval_dataset)))]
-                    loss_sum, n = self.eval_loss(_to(self.collate(rows), self.device))
-                    total += float(loss_sum)
-                    count += int(n)
+                for batch, filler in self.eval_batches():
+                    loss_sum, n = self.eval_loss(batch)
+                    if not filler:
+                        total += float(loss_sum)
+                        count += int(n)
         finally:
             self.model.train(was_training)
+        total = distributed.all_reduce_sum(total)
+        count = distributed.all_reduce_sum(count)
         return {"eval_loss": total / max(count, 1)}
+
+    def eval_batches(self):
+        """(batch on the device, is_filler) for this rank's share of eval_dataset (a contiguous
+        near-equal part per rank), in batches of batch_size. Every rank yields the same number
+        of batches (FSDP's forward is a collective): a rank with fewer gets stand-in batches
+        marked is_filler, whose results must be ignored. Sums over them are reduced with
+        distributed.all_reduce_sum."""
+        n, world, r = len(self.eval_dataset), distributed.world_size(), distributed.rank()
+        lo, hi = r * n // world, (r + 1) * n // world
+        bs = self.config.batch_size
+        count = -(-((n + world - 1) // world) // bs)  # the most batches any rank has
+        for i in range(count):
+            idx = list(range(lo + i * bs, min(lo + (i + 1) * bs, hi)))
+            filler = not idx
+            yield _to(self.collate([self.eval_dataset[j] for j in (idx or [0])]),
+                      self.device), filler
 
     def save_extra(self, directory: str) -> None:
         """Extra files of a checkpoint (the stages write the adapter in peft format)."""
@@ -137,7 +166,8 @@ class Trainer:
         """Called after every optimizer step (and its logging / eval / checkpoint)."""
 
     def on_train_end(self) -> None:
-        """Called once the last step is done (the stages write the final model)."""
+        """Called once the last step is done, on rank 0 only, with the trainable parameters
+        gathered under FSDP (the stages write the final model)."""
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -161,8 +191,14 @@ class Trainer:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     @property
+    def global_batch_size(self) -> int:
+        """Examples per global micro-batch: batch_size (per process) x world size."""
+        return self.config.batch_size * distributed.world_size()
+
+    @property
     def batches_per_epoch(self) -> int:
-        return -(-len(self.train_dataset) // self.config.batch_size)
+        """Global micro-batches per pass over the dataset."""
+        return -(-len(self.train_dataset) // self.global_batch_size)
 
     @property
     def total_micro_batches(self) -> int | None:
@@ -182,7 +218,17 @@ class Trainer:
         cfg = self.config
         if len(self.train_dataset) == 0:
             raise ValueError("the training dataset is empty")
-        seed_everything(cfg.seed)
+        if cfg.fsdp:
+            self._setup_fsdp_process_group()
+        else:
+            distributed.init_distributed()
+        # Per-rank global RNG (dropout masks, sampling): seed + rank; the data order does not
+        # use it. Rank 0 draws what a single process would.
+        seed_everything(cfg.seed + distributed.rank())
+        # Identical trainable weights on every rank (as DDP does), before any sharding.
+        distributed.broadcast_([p.data for _, p in self.trainable_parameters()])
+        if cfg.fsdp:
+            self._apply_fsdp()
         if cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -203,9 +249,13 @@ class Trainer:
                                            eps=cfg.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.warmup_steps, self.total_steps, cfg.scheduler))
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        ckpt.remove_leftovers(cfg.output_dir)
-        self.logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard)
+        if distributed.is_main():
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            ckpt.remove_leftovers(cfg.output_dir)
+            self.logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.tensorboard)
+        else:
+            self.logger = NullLogger(cfg.output_dir)
+        distributed.barrier()
         path = None
         if cfg.resume == "auto":
             path = ckpt.latest_checkpoint(cfg.output_dir)
@@ -227,13 +277,19 @@ class Trainer:
         return self._perm_cache[1]
 
     def next_batch(self) -> dict:
+        """This rank's part of the next global micro-batch, collated (on the CPU). When the
+        part is empty (only the last global micro-batch of an epoch can be short), a stand-in
+        row is returned and `batch_is_filler` is set: the loop runs it (keeping the ranks in
+        step for FSDP's collectives) with its loss multiplied by 0."""
         if self.batch_index >= self.batches_per_epoch:
             self.epoch += 1
             self.batch_index = 0
-        bs = self.config.batch_size
-        idx = self._permutation(self.epoch)[self.batch_index * bs:(self.batch_index + 1) * bs]
+        gbs, world, r = self.global_batch_size, distributed.world_size(), distributed.rank()
+        rows = self._permutation(self.epoch)[self.batch_index * gbs:(self.batch_index + 1) * gbs]
+        idx = rows[r * len(rows) // world:(r + 1) * len(rows) // world]
+        self.batch_is_filler = not idx
         self.batch_index += 1
-        return self.collate([self.train_dataset[i] for i in idx])
+        return self.collate([self.train_dataset[i] for i in (idx or rows[-1:])])
 
     def _micro_batches_this_step(self) -> int:
         total = self.total_micro_batches
@@ -251,8 +307,9 @@ class Trainer:
         cfg = self.config
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress,
-                   desc="train", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step,
+                   disable=not cfg.progress or not distributed.is_main(), desc="train",
+                   dynamic_ncols=True)
         self.model.train()
         last: dict = {}
         try:
@@ -266,12 +323,15 @@ class Trainer:
                 if ev:
                     self.logger.log(self.step, ev)
                     last = {**last, **ev}
-            self.on_train_end()
+            with self.full_trainable_parameters():
+                if distributed.is_main():
+                    self.on_train_end()
+            distributed.barrier()
         finally:
             bar.close()
             if self.logger is not None:
                 self.logger.close()
-        if cfg.plots:
+        if cfg.plots and distributed.is_main():
             plot_metrics(cfg.output_dir)
         return last
 
@@ -279,38 +339,45 @@ class Trainer:
         cfg = self.config
         step = self.step + 1
         start = time.perf_counter()
-        batches = [_to(self.next_batch(), self.device)
-                   for _ in range(self._micro_batches_this_step())]
-        num_items = sum(self.num_items(b) for b in batches)
-        tokens = sum(self.num_tokens(b) for b in batches)
+        batches = []  # (batch on the device, is_filler)
+        for _ in range(self._micro_batches_this_step()):
+            batch = self.next_batch()
+            batches.append((_to(batch, self.device), self.batch_is_filler))
+        real = [b for b, filler in batches if not filler]
+        # summed over ranks: every rank normalises by the labelled items of the global step
+        num_items = int(distributed.all_reduce_sum(sum(self.num_items(b) for b in real)))
+        tokens = sum(self.num_tokens(b) for b in real)
         lr = self.scheduler.get_last_lr()[0]
         loss_total = torch.zeros((), dtype=torch.float32, device=self.device)
         extra: dict[str, float] = {}
-        finite = True
-        for b in batches:
+        bad = None  # the first non-finite loss of this rank
+        for b, filler in batches:
             with self.autocast():
                 loss, metrics = self.compute_loss(b, max(num_items, 1))
+            if filler:
+                loss, metrics = loss * 0.0, {}
             if not torch.isfinite(loss.detach()).all():
-                if cfg.on_nan == "stop":
-                    raise NonFiniteLossError(
-                        f"step {step}: the loss is {loss.detach().item()} (train.on_nan=stop; "
-                        f"set train.on_nan=skip to skip such updates)")
-                finite = False
+                if bad is None:
+                    bad = loss.detach().float().item()
+                if self._fsdp:  # keep FSDP's backward collectives in step; the update is dropped
+                    torch.nan_to_num(loss, 0.0, 0.0, 0.0).mul(0.0).backward()
                 continue
             loss.backward()
             loss_total += loss.detach().float()
             for k, v in metrics.items():
-                extra[k] = extra.get(k, 0.0) + float(v) / len(batches)
+                extra[k] = extra.get(k, 0.0) + float(v)
+        loss_value, tokens, extra, bad, n_batches = self._reduce_step_stats(
+            loss_total.item(), tokens, extra, bad, len(real))
+        extra = {k: v / max(n_batches, 1) for k, v in extra.items()}
+        if bad is not None and cfg.on_nan == "stop":
+            raise NonFiniteLossError(
+                f"step {step}: the loss is {bad} (train.on_nan=stop; "
+                f"set train.on_nan=skip to skip such updates)")
+        finite = bad is None
         grad_norm = None
         if finite:
-            params = [p for _, p in self.trainable_parameters()]
-            if cfg.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            else:
-                grads = [p.grad for p in params if p.grad is not None]
-                grad_norm = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-                ) if grads else torch.zeros(())
+            self.sync_gradients()
+            grad_norm = self.clip_and_norm_gradients()
             if not torch.isfinite(grad_norm):
                 if cfg.on_nan == "stop":
                     raise NonFiniteLossError(f"step {step}: the gradient norm is "
@@ -325,7 +392,7 @@ class Trainer:
         self.step = step
         self.tokens_seen += tokens
         elapsed = max(time.perf_counter() - start, 1e-9)
-        metrics = {"loss": loss_total.item() if finite else float("nan"), "lr": lr,
+        metrics = {"loss": loss_value if finite else float("nan"), "lr": lr,
                    "epoch": self.epoch + self.batch_index / self.batches_per_epoch,
                    "tokens": tokens, "tokens_per_s": tokens / elapsed, **extra}
         if grad_norm is not None:
@@ -342,9 +409,131 @@ class Trainer:
         self.on_step_end(step, metrics)
         return metrics
 
+    def _reduce_step_stats(self, loss: float, tokens: int, extra: dict, bad, n_batches: int):
+        """Sums over ranks of a step's loss, tokens, metric sums and micro-batch count, and the
+        first non-finite loss of any rank (so every rank takes the same decision)."""
+        if not distributed.is_distributed():
+            return loss, tokens, extra, bad, n_batches
+        gathered = distributed.all_gather_object((loss, tokens, extra, bad, n_batches))
+        loss = sum(g[0] for g in gathered)
+        tokens = sum(g[1] for g in gathered)
+        summed: dict[str, float] = {}
+        for g in gathered:
+            for k, v in g[2].items():
+                summed[k] = summed.get(k, 0.0) + v
+        bad = next((g[3] for g in gathered if g[3] is not None), None)
+        return loss, tokens, summed, bad, sum(g[4] for g in gathered)
+
+    def sync_gradients(self) -> None:
+        """Sum the trainable parameters' gradients over ranks: one flat all-reduce (fp32) per
+        optimizer step, after accumulation. A no-op in one process and under FSDP (whose
+        reduce-scatter sums them in backward). Every rank must call it; a parameter without a
+        gradient on every rank keeps grad None (so AdamW skips it, as in one process)."""
+        if not distributed.is_distributed() or self._fsdp:
+            return
+        params = [p for _, p in self.trainable_parameters()]
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        has = distributed.all_reduce_sum(has) > 0
+        params = [p for p, h in zip(params, has.tolist()) if h]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
+        flat = distributed.all_reduce_sum(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+            offset += n
+
+    def clip_and_norm_gradients(self) -> torch.Tensor:
+        """Clip to train.max_grad_norm (when set); returns the total gradient norm (a plain
+        tensor also for FSDP's DTensor gradients)."""
+        params = [p for _, p in self.trainable_parameters()]
+        if self.config.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return norm
+
+    # ---- FSDP2 ----------------------------------------------------------------------------
+
+    def _setup_fsdp_process_group(self) -> None:
+        if not distributed.is_initialized():
+            missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+                       if k not in os.environ]
+            if missing:
+                raise ValueError(f"train.fsdp: true needs a torchrun launch (torchrun "
+                                 f"--nproc_per_node=N ...); {missing} not set in the "
+                                 f"environment")
+            distributed.init_distributed(force=True)
+
+    def _apply_fsdp(self) -> None:
+        """FSDP2: fully_shard every decoder layer (the classes in the model's
+        _no_split_modules), then the root; gradients are summed (divide factor 1), as the
+        loss is already normalised by the global num_items."""
+        from torch.distributed.fsdp import fully_shard
+
+        names = set(getattr(self.model, "_no_split_modules", None) or [])
+        layers = [m for m in self.model.modules() if type(m).__name__ in names]
+        if not layers:
+            raise ValueError(f"train.fsdp: found no decoder layers to shard in "
+                             f"{type(self.model).__name__} (looked for _no_split_modules "
+                             f"{sorted(names)})")
+        mods = [fully_shard(m) for m in layers] + [fully_shard(self.model)]
+        for m in mods:
+            m.set_gradient_divide_factor(1.0)
+            # plain SUM collectives (a factor != world size would use NCCL's PreMulSum, which
+            # gloo lacks; with factor 1 the extra scaling is a no-op)
+            m.set_force_sum_reduction_for_comms(True)
+        self._fsdp = True
+
+    @contextlib.contextmanager
+    def full_trainable_parameters(self):
+        """Under FSDP: while inside, rank 0's model holds its trainable parameters as full
+        (gathered) CPU tensors, so save_adapter / save_pretrained work unchanged; the other
+        ranks only take part in the gathering. Every rank must enter. A no-op without FSDP."""
+        if not self._fsdp:
+            yield
+            return
+        swapped = []
+        for name, p in self.trainable_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            if distributed.is_main():
+                owner_name, _, attr = name.rpartition(".")
+                owner = self.model.get_submodule(owner_name)
+                swapped.append((owner, attr, owner._parameters[attr]))
+                owner._parameters[attr] = nn.Parameter(full.detach().cpu(),
+                                                       requires_grad=p.requires_grad)
+            del full
+        try:
+            yield
+        finally:
+            for owner, attr, original in swapped:
+                owner._parameters[attr] = original
+
     # ---- checkpoints ----------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """The checkpoint state. Every rank must call it (it gathers the per-rank RNG states,
+        and under FSDP the full trainable tensors and optimizer state); only rank 0's result
+        is complete and written."""
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            model_sd, optim_sd = get_state_dict(
+                self.model, self.optimizer,
+                options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                         ignore_frozen_params=True))
+            names = {n for n, _ in self.trainable_parameters()}
+            trainable = {n: v for n, v in model_sd.items() if n in names}
+        else:
+            trainable = {n: p.detach().to("cpu", copy=True)
+                         for n, p in self.trainable_parameters()}
+            optim_sd = self.optimizer.state_dict()
         return {
             "step": self.step,
             "epoch": self.epoch,
@@ -352,29 +541,49 @@ class Trainer:
             "seed": self.config.seed,
             "skipped_steps": self.skipped_steps,
             "tokens_seen": self.tokens_seen,
-            "trainable": {n: p.detach().to("cpu", copy=True)
-                          for n, p in self.trainable_parameters()},
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optim_sd,
             "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
+            "rng_per_rank": distributed.all_gather_object(ckpt.rng_state()),
+            "world_size": distributed.world_size(),
+            "global_batch_size": self.global_batch_size,
+            "fsdp": self._fsdp,
             "config": self.config.to_dict(),
         }
 
     def save_checkpoint(self) -> str:
-        """checkpoint-<step> in output_dir, atomically; then only the newest keep_last stay."""
-        if self.logger is not None and self.logger._writer is not None:
-            self.logger._writer.flush()
-        path = ckpt.write_checkpoint(self.config.output_dir, self.step, self.state_dict(),
-                                     extra=self.save_extra)
-        ckpt.prune_checkpoints(self.config.output_dir, self.config.keep_last)
+        """checkpoint-<step> in output_dir, atomically; then only the newest keep_last stay.
+        Every rank must call it; rank 0 writes, then all wait for it."""
+        state = self.state_dict()
+        path = os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
+        with self.full_trainable_parameters():
+            if distributed.is_main():
+                if self.logger is not None and self.logger._writer is not None:
+                    self.logger._writer.flush()
+                path = ckpt.write_checkpoint(self.config.output_dir, self.step, state,
+                                             extra=self.save_extra)
+                ckpt.prune_checkpoints(self.config.output_dir, self.config.keep_last)
+        distributed.barrier()
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore trainable weights, optimizer, scheduler, RNG states and data position."""
+        """Restore trainable weights, optimizer, scheduler, RNG states and data position (on
+        every rank, from the same directory)."""
         state = ckpt.read_checkpoint(path)
         if state["seed"] != self.config.seed:
             raise ValueError(f"{path}: saved with seed {state['seed']}, but train.seed is "
                              f"{self.config.seed}; the data order would differ")
+        saved_gbs = state.get("global_batch_size", self.global_batch_size)
+        if saved_gbs != self.global_batch_size:
+            raise ValueError(
+                f"{path}: saved with a global micro-batch of {saved_gbs} examples, but "
+                f"train.batch_size x world size is {self.config.batch_size} x "
+                f"{distributed.world_size()} = {self.global_batch_size}; the data position "
+                f"would differ")
+        if state.get("fsdp", False) != self._fsdp:
+            raise ValueError(f"{path}: saved with train.fsdp={state.get('fsdp', False)}, but "
+                             f"train.fsdp is {self._fsdp}; the optimizer states differ in form")
         params = dict(self.trainable_parameters())
         saved = state["trainable"]
         if set(saved) != set(params):
@@ -382,12 +591,26 @@ class Trainer:
             unexpected = sorted(set(saved) - set(params))[:5]
             raise ValueError(f"{path}: trainable parameters differ from the model's "
                              f"(missing {missing}, unexpected {unexpected})")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=saved,
+                           optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n].to(p.device, p.dtype))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == distributed.world_size():
+            ckpt.set_rng_state(per_rank[distributed.rank()])
+        else:  # another world size: rank 0 takes rank 0's state, the others fresh seeds
+            ckpt.set_rng_state(state["rng"])
+            if distributed.rank():
+                seed_everything(self.config.seed + distributed.rank()
+                                + 1_000_003 * state["step"])
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.batch_index = state["batch_index"]

@@ -65,6 +65,22 @@ class MetricsLogger:
             self._writer = None
 
 
+class NullLogger(MetricsLogger):
+    """The logger of ranks other than 0 in a distributed run: it writes nothing."""
+
+    def __init__(self, output_dir: str, tensorboard: bool = False):
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, METRICS_NAME)
+        self._tensorboard = False
+        self._writer = None
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict) -> dict:
+        return {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+
+
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
