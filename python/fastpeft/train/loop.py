@@ -426,12 +426,18 @@ class Trainer:
 
     def sync_gradients(self) -> None:
         """Sum the trainable parameters' gradients over ranks: one flat all-reduce (fp32) per
-        optimizer step, after accumulation. A no-op in one process and under FSDP (whose
-        reduce-scatter sums them in backward). Every rank must call it; a parameter without a
-        gradient on every rank keeps grad None (so AdamW skips it, as in one process)."""
-        if not distributed.is_distributed() or self._fsdp:
+        optimizer step, after accumulation. A no-op in one process; under FSDP only the
+        parameters outside the sharded model (a stage's reward / value head) are summed here,
+        FSDP's reduce-scatter sums the others in backward. Every rank must call it; a parameter
+        without a gradient on every rank keeps grad None (so AdamW skips it, as in one
+        process)."""
+        if not distributed.is_distributed():
             return
         params = [p for _, p in self.trainable_parameters()]
+        if self._fsdp:
+            from torch.distributed.tensor import DTensor
+
+            params = [p for p in params if not isinstance(p, DTensor)]
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
         has = distributed.all_reduce_sum(has) > 0
         params = [p for p, h in zip(params, has.tolist()) if h]

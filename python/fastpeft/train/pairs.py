@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from fastpeft.train.config import TrainConfig
-from fastpeft.train.loop import IGNORE_INDEX, Trainer, _to
+from fastpeft.train import distributed
+from fastpeft.train.loop import IGNORE_INDEX, Trainer
 
 PAIR_KEYS = ("chosen_input_ids", "chosen_attention_mask", "chosen_labels",
              "rejected_input_ids", "rejected_attention_mask", "rejected_labels")
@@ -123,19 +124,19 @@ class PairTrainer(Trainer):
         count = 0
         try:
             with torch.no_grad(), self.autocast():
-                bs = self.config.batch_size
-                for start in range(0, len(self.eval_dataset), bs):
-                    rows = [self.eval_dataset[i]
-                            for i in range(start, min(start + bs, len(self.eval_dataset)))]
-                    batch = _to(self.collate(rows), self.device)
+                for batch, filler in self.eval_batches():
                     loss, per_pair = self.pair_outputs(batch)
-                    n = self.num_items(batch)
+                    # a filler batch (FSDP keeps ranks in step) adds zeros, but its keys, so
+                    # every rank reduces the same keys
+                    n = 0 if filler else self.num_items(batch)
                     sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
                     for k, v in per_pair.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+                        sums[k] = sums.get(k, 0.0) + (0.0 if filler else float(v.float().sum()))
                     count += n
         finally:
             self.model.train(was_training)
+        count = distributed.all_reduce_sum(count)
+        sums = {k: distributed.all_reduce_sum(v) for k, v in sorted(sums.items())}
         return {f"eval_{k}": v / max(count, 1) for k, v in sums.items()}
 
 
