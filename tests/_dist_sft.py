@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _train import config, lora_model, pattern_examples  # noqa: E402
 
-from fastpeft.train import SFTTrainer, distributed  # noqa: E402
+from fastpeft.train import RewardConfig, RewardTrainer, SFTTrainer, distributed  # noqa: E402
 
 N_TRAIN, N_EVAL = 17, 5  # not multiples of the global batch: short last batches, filler rows
 
@@ -74,12 +74,28 @@ def run(out: str, batch_size: int, grad_accum: int, fsdp: bool, crash_at: int | 
         f.write(" ".join(f"{h['step']}:{h['loss']!r}" for h in trainer.history) + "\n")
 
 
+def run_rm(out: str, batch_size: int, fsdp: bool) -> None:
+    """The reward-model stage (its head lives outside the model, and outside FSDP's shards)."""
+    from _pairs import lora as pair_lora
+    from _pairs import preference_pairs
+
+    cfg = config(out, max_steps=6, batch_size=batch_size, lr=1e-2, eval_every=3, fsdp=fsdp)
+    trainer = RewardTrainer(pair_lora(init="gaussian"), None, cfg, RewardConfig(),
+                            preference_pairs(N_TRAIN, seed=0),
+                            eval_dataset=preference_pairs(N_EVAL, seed=1))
+    trainer.train()
+
+
 def main() -> None:
     out = sys.argv[1]
     distributed.init_distributed()
     for spec in sys.argv[2:]:
         if spec == "nan":
             run_nan(os.path.join(out, "nan"))
+            continue
+        if spec.startswith("rm"):  # rm:batch_size:fsdp
+            name, bs, fsdp = spec.split(":")
+            run_rm(os.path.join(out, name), int(bs), fsdp == "1")
             continue
         name, bs, accum, fsdp, *crash = spec.split(":")
         if crash:  # stop after step `crash` (checkpoint at 4), then resume="auto"

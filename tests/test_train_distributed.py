@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from _dist_sft import run
+from _dist_sft import run, run_rm
 from safetensors.torch import load_file
 
 from fastpeft.train import TrainConfig, read_metrics
@@ -31,7 +31,8 @@ def runs(tmp_path_factory):
                                          os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "_dist_sft.py"), str(out), "ddp:2:1:0", "accum:1:2:0",
-           "fsdp:2:1:1", "ddp_resumed:2:1:0:6", "fsdp_resumed:2:1:1:6", "nan"]
+           "fsdp:2:1:1", "ddp_resumed:2:1:0:6", "fsdp_resumed:2:1:1:6", "nan",
+           "rm:2:0", "rm_fsdp:2:1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     threads = torch.get_num_threads()
@@ -39,6 +40,7 @@ def runs(tmp_path_factory):
     try:
         run(str(out / "one"), 4, 1, False)
         run(str(out / "one_accum"), 2, 2, False)
+        run_rm(str(out / "rm_one"), 4, False)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -73,6 +75,24 @@ def test_two_processes_match_one_with_the_same_global_batch(runs, two, one):
     assert len(sa["rng_per_rank"]) == 2
     assert max(float((sa["trainable"][k] - sb["trainable"][k]).abs().max())
                for k in sb["trainable"]) <= TOL
+
+
+@pytest.mark.parametrize("two", ["rm", "rm_fsdp"])
+def test_a_reward_model_on_two_processes_matches_one(runs, two):
+    """A stage on the loop (the reward model, whose head is outside the model and outside
+    FSDP's shards) gets data parallelism too."""
+    a, b = runs / two, runs / "rm_one"
+    for key in ("loss", "accuracy", "rewards/margin", "eval_loss", "eval_accuracy"):
+        ca, cb = curve(a, key), curve(b, key)
+        assert [s for s, _ in ca] == [s for s, _ in cb] and ca, key
+        diff = max(abs(x - y) for (_, x), (_, y) in zip(ca, cb))
+        assert diff <= TOL, (key, diff)
+    ha = load_file(str(a / "reward_head.safetensors"))
+    hb = load_file(str(b / "reward_head.safetensors"))
+    assert max(float((ha[k] - hb[k]).abs().max()) for k in hb) <= TOL
+    assert set(hb) == {"linear.weight"}  # a pairwise loss cannot train a bias
+    wa, wb = adapter(a), adapter(b)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= TOL
 
 
 @pytest.mark.parametrize("two", ["ddp", "accum", "fsdp"])

@@ -106,7 +106,7 @@ def test_resume_reproduces_the_uninterrupted_run_head_included(tmp_path):
     # another LoRA init and another head: everything trainable must come from the checkpoint
     resumed = RewardTrainer(lora(init="gaussian", init_seed=7, dropout=0.1), None,
                             config(tmp_path / "resumed", resume=str(ckpt), **kw), rm, pairs,
-                            head=ScalarHead(32, std=0.5))
+                            head=ScalarHead(32, std=0.5, bias=False))
     resumed.train()
     assert [h["step"] for h in resumed.history] == [4, 5, 6]
     for h_full, h_res in zip(full.history[3:], resumed.history):

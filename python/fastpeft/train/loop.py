@@ -187,8 +187,21 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def heads(self) -> dict[str, nn.Module]:
+        """Trainable modules a stage keeps beside the model (the reward model's score head,
+        PPO's value head), by name. Their parameters join trainable_parameters() as
+        "<name>.<param>" (optimised, clipped, synced, checkpointed); under FSDP they are
+        attached to the model under that name and sharded as their own units."""
+        return {}
+
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        for prefix, head in self.heads().items():
+            if self.model._modules.get(prefix) is head:  # attached (FSDP): listed above
+                continue
+            params += [(f"{prefix}.{n}", p) for n, p in head.named_parameters()
+                       if p.requires_grad]
+        return params
 
     @property
     def global_batch_size(self) -> int:
@@ -454,15 +467,25 @@ class Trainer:
 
     def clip_and_norm_gradients(self) -> torch.Tensor:
         """Clip to train.max_grad_norm (when set); returns the total gradient norm (a plain
-        tensor also for FSDP's DTensor gradients)."""
-        params = [p for _, p in self.trainable_parameters()]
+        tensor also for FSDP's DTensor gradients). Under FSDP the sharded gradients and those
+        of a head outside the model (plain tensors) are normed apart and combined, as
+        torch's foreach norm takes one kind at a time."""
+        params = [p for _, p in self.trainable_parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        groups: dict[bool, list[nn.Parameter]] = {}
+        for p in params:
+            groups.setdefault(hasattr(p.grad, "full_tensor"), []).append(p)
+        parts = []
+        for sharded, group in groups.items():
+            part = torch.nn.utils.get_total_norm([p.grad for p in group])
+            parts.append(part.full_tensor() if sharded else part)
+        norm = parts[0] if len(parts) == 1 else torch.linalg.vector_norm(
+            torch.stack([x.float().to(parts[0].device) for x in parts]))
         if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        else:
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+            for group in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(group, self.config.max_grad_norm,
+                                                     norm.to(group[0].grad.device))
         return norm
 
     # ---- FSDP2 ----------------------------------------------------------------------------
@@ -489,7 +512,13 @@ class Trainer:
             raise ValueError(f"train.fsdp: found no decoder layers to shard in "
                              f"{type(self.model).__name__} (looked for _no_split_modules "
                              f"{sorted(names)})")
-        mods = [fully_shard(m) for m in layers] + [fully_shard(self.model)]
+        heads = list(self.heads().items())
+        for prefix, head in heads:  # so the model's state dict (and FSDP's) names them
+            if hasattr(self.model, prefix):
+                raise ValueError(f"train.fsdp: the model already has an attribute {prefix!r}")
+            self.model.add_module(prefix, head)
+        mods = ([fully_shard(m) for m in layers] + [fully_shard(h) for _, h in heads]
+                + [fully_shard(self.model)])
         for m in mods:
             m.set_gradient_divide_factor(1.0)
             # plain SUM collectives (a factor != world size would use NCCL's PreMulSum, which

@@ -101,14 +101,16 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 class ScalarHead(nn.Module):
     """A linear map hidden -> 1 on the backbone's final hidden states: the reward model's score
     and PPO's value head. fp32 weights (it is small and trained from scratch); inputs are cast
-    to them."""
+    to them. A pairwise (Bradley-Terry) loss only sees score differences, so a reward head has
+    no bias (as transformers' *ForSequenceClassification score); a value head has one."""
 
-    def __init__(self, hidden_size: int, std: float | None = None):
+    def __init__(self, hidden_size: int, std: float | None = None, bias: bool = True):
         super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
+        self.linear = nn.Linear(hidden_size, 1, bias=bias)
         with torch.no_grad():
             self.linear.weight.normal_(0.0, std if std is not None else 1 / math.sqrt(hidden_size + 1))
-            self.linear.bias.zero_()
+            if bias:
+                self.linear.bias.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [...] scores in fp32."""

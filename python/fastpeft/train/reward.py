@@ -7,7 +7,7 @@ Output layout (output_dir/):
     adapter/                  the PEFT adapter, peft format (patched model), or
     model/                    the full weights + tokenizer (full fine-tuning)
     tokenizer/                the training tokenizer (patched model with a tokenizer)
-    reward_head.safetensors   the head: linear.weight [1, H], linear.bias [1]
+    reward_head.safetensors   the head: linear.weight [1, H] (no bias: the loss sees differences)
     reward_model.json         how to rebuild it (see load_reward_model)
 """
 
@@ -32,7 +32,7 @@ def _head_init(model: nn.Module, seed: int) -> ScalarHead:
     """The head's initial weights depend on the seed only (and leave the global RNG alone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = ScalarHead(hidden_size(model))
+        head = ScalarHead(hidden_size(model), bias=False)
     return head.to(next(model.parameters()).device)
 
 
@@ -64,11 +64,10 @@ class RewardTrainer(PairTrainer):
         super().__init__(model, tokenizer, config, train_dataset, eval_dataset,
                          max_length=max_length, format=format, skip_invalid=skip_invalid)
 
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The model's trainable parameters and the head's ("reward_head.*"), so the head is
-        optimised, clipped, checkpointed and restored with them."""
-        return super().trainable_parameters() + [
-            (f"reward_head.{n}", p) for n, p in self.head.named_parameters()]
+    def heads(self) -> dict[str, nn.Module]:
+        """The head trains with the model's parameters ("reward_head.*"): optimised, clipped,
+        checkpointed and restored on resume with them."""
+        return {"reward_head": self.head}
 
     def collate(self, rows: list[dict]) -> dict:
         """The Collator's batch plus "margin": a list with None where a pair has none (only
@@ -268,7 +267,7 @@ def load_reward_model(directory: str, device: str | torch.device | None = None,
     if tokenizer is None:
         raise ValueError(f"tokenizer: {directory} has no saved tokenizer and none was given")
     state = load_file(os.path.join(directory, info["head"]))
-    head = ScalarHead(int(info["hidden_size"]))
+    head = ScalarHead(int(info["hidden_size"]), bias="linear.bias" in state)
     head.load_state_dict(state)
     if device is not None:
         model.to(device)
