@@ -103,20 +103,21 @@ TRL_METRICS = ["objective/kl", "objective/entropy", "objective/non_score_reward"
 
 
 def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tmp_path):
-    t = trainer(tmp_path, train_kw=dict(max_steps=12, batch_size=32, eval_every=12),
+    t = trainer(tmp_path, train_kw=dict(max_steps=16, batch_size=32, eval_every=16),
                 data=prompts(64), kl_coef=0.05, num_ppo_epochs=4)
     t.eval_dataset = prompts(8, seed=1)
     t.train()
     scores = [h["objective/scores"] for h in t.history]
     kls = [h["objective/kl"] for h in t.history]
-    # ~0.4 at the start (26 of the 62 characters); 0.65-0.85 after 12 iterations
-    assert sum(scores[-3:]) / 3 > sum(scores[:2]) / 2 + 0.15, scores
+    # ~0.4 at the start (26 of the 62 characters); over seeds 0-6 the mean of the last 4
+    # iterations is 0.65-0.87, 0.2-0.44 above the first 2, and the KL at most 5.5 nats
+    assert sum(scores[-4:]) / 4 > sum(scores[:2]) / 2 + 0.12, scores
     assert kls[0] == pytest.approx(0.0, abs=1e-5)  # LoRA starts at zero, the head copy equal
-    assert max(kls) < 8.0, kls  # nats per sequence, with kl_coef 0.05
+    assert max(kls) < 10.0, kls  # nats per sequence, with kl_coef 0.05
     assert all(0 <= h["policy/clipfrac_avg"] <= 1 and h["val/ratio"] > 0 for h in t.history)
     # TRL's metric names, the eval on greedy completions, the outputs
     logged = read_metrics(str(tmp_path / "metrics.jsonl"))
-    assert [r["step"] for r in logged] == list(range(1, 13))
+    assert [r["step"] for r in logged] == list(range(1, 17))
     for name in TRL_METRICS + ["loss", "lr", "grad_norm", "objective/kl_coef"]:
         assert name in logged[-1], name
     assert 0 <= logged[-1]["eval/scores"] <= 1
@@ -162,6 +163,34 @@ def test_full_fine_tuning_uses_a_frozen_copy_as_reference(tmp_path):
                     trainable(tiny_model("llama"))) == 0.0
     assert os.path.isfile(tmp_path / "model" / "config.json")
     assert os.path.isfile(tmp_path / "value_head.safetensors")
+
+
+def test_bf16_autocast_and_gradient_checkpointing(tmp_path):
+    t = trainer(tmp_path, train_kw=dict(dtype="bf16", gradient_checkpointing=True, max_steps=1))
+    last = t.train()
+    for k in TRL_METRICS + ["loss", "grad_norm"]:
+        assert torch.isfinite(torch.tensor(float(last[k]))), (k, last[k])
+    assert last["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("method", ["ia3", "adapter", "prefix", "prompt", "p_tuning"])
+def test_other_peft_methods(tmp_path, method):
+    config = {"ia3": lambda: fastpeft.IA3Config(),
+              "adapter": lambda: fastpeft.AdapterConfig(kind="houlsby"),
+              "prefix": lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=4),
+              "prompt": lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=4),
+              "p_tuning": lambda: fastpeft.PTuningConfig(num_virtual_tokens=4,
+                                                         encoder_hidden_size=32)}[method]()
+    t = trainer(tmp_path, model=fastpeft.patch(tiny_model("llama"), config),
+                train_kw=dict(max_steps=2), num_ppo_epochs=1)
+    t.train()
+    for h in t.history:
+        for k in TRL_METRICS:
+            assert torch.isfinite(torch.tensor(float(h[k]))), (k, h[k])
+    # the first update starts from the rollout's own log-probs
+    assert t.history[0]["val/ratio"] == pytest.approx(1.0, abs=0.02)
+    if method in ("ia3", "adapter"):  # identity at init: the policy is the base
+        assert abs(t.history[0]["objective/kl"]) < 1e-4
 
 
 REWARDS = '''
@@ -256,7 +285,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
             if k not in ("tokens_per_s",):
                 assert h_res[k] == pytest.approx(v, abs=1e-6, rel=1e-6), k
     assert resumed.kl_coef == pytest.approx(full.kl_coef, abs=1e-12)
-    assert max_diff(dict(full.trainable_parameters()), dict(resumed.trainable_parameters())) < 1e-6
+    assert max_diff({n: p.detach() for n, p in full.trainable_parameters()},
+                    {n: p.detach() for n, p in resumed.trainable_parameters()}) < 1e-6
 
 
 def test_adaptive_kl_controller():

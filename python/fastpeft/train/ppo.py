@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from fastpeft.train.config import PPOConfig, TrainConfig
-from fastpeft.train.loop import NonFiniteLossError, Trainer
+from fastpeft.train.loop import NonFiniteLossError, Trainer, _to
 from fastpeft.train.modeling import (ScalarHead, final_hidden, hidden_size, lm_parts,
                                      token_logprobs_from_hidden)
 
@@ -156,10 +156,6 @@ def adaptive_kl_update(value: float, current_kl: float, n_steps: int, target: fl
     return value * (1.0 + error * n_steps / horizon)
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 class PPOTrainer(Trainer):
     """Args:
         model: a causal LM patched by fastpeft.patch (the policy; its reference is the same
@@ -187,7 +183,7 @@ class PPOTrainer(Trainer):
                  format: str | None = None, skip_invalid: bool = False,
                  reward_fn: Callable | None = None):
         from fastpeft.data import Collator, load_prompt_dataset, pad_id_of
-        from fastpeft.patching import is_patched
+        from fastpeft.patching import is_patched, state_of
 
         if not isinstance(ppo, PPOConfig):
             raise TypeError(f"ppo must be a PPOConfig, got {type(ppo).__name__}")
@@ -237,6 +233,8 @@ class PPOTrainer(Trainer):
         self.value_head.to(self.device)
         self.kl_coef = float(ppo.kl_coef)
         self._patched = is_patched(model)
+        self._prompt_learning = self._patched and state_of(model).peft_type in (
+            "PROMPT_TUNING", "P_TUNING")
         self.ref_model = None
         if not self._patched:
             self.ref_model = copy.deepcopy(model).eval()
@@ -390,8 +388,10 @@ class PPOTrainer(Trainer):
         """(hidden states at the positions that predict the response tokens [b, R, H],
         log-probs of the response tokens [b, R] in fp32) of rollout rows `rows`."""
         P = rollout["context_length"]
+        # prompt tuning / P-tuning place their own positions (they ignore position_ids)
+        positions = None if self._prompt_learning else rollout["position_ids"][rows]
         hidden = final_hidden(model, rollout["query_responses"][rows],
-                              rollout["attention_mask"][rows], rollout["position_ids"][rows])
+                              rollout["attention_mask"][rows], positions)
         h = hidden[:, P - 1:-1]
         logp = token_logprobs_from_hidden(model, h, rollout["responses"][rows], temperature)
         return h, logp.float()
@@ -416,7 +416,8 @@ class PPOTrainer(Trainer):
         flat_h, flat_t = h.detach()[mask], tokens[mask]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, flat_h.shape[0], _ENTROPY_CHUNK):
-            logits = head(flat_h[s:s + _ENTROPY_CHUNK])
+            with self.autocast():
+                logits = head(flat_h[s:s + _ENTROPY_CHUNK])
             if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 logits = logits.float()
             _, ent = token_logprobs(logits, flat_t[s:s + _ENTROPY_CHUNK],
