@@ -352,6 +352,33 @@ def test_prompts_from_a_file_with_the_smollm2_tokenizer(tmp_path):
     assert all(torch.isfinite(torch.tensor(last[k])) for k in TRL_METRICS)
 
 
+def test_two_processes_under_torchrun(tmp_path):
+    """Data parallel PPO (tests/_dist_ppo.py): each rank generates for its share of the
+    prompts, the gradients are summed over ranks at every mini-batch update, so both ranks
+    hold the same weights and kl_coef; only rank 0 writes the logs."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.join(here, "..", "python"), here,
+                                         os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(here, "_dist_ppo.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert max_diff(r0["trainable"], r1["trainable"]) == 0.0
+    assert r0["kl_coef"] == r1["kl_coef"] != 0.05
+    assert r0["history"][1]["objective/scores"] == r1["history"][1]["objective/scores"]
+    logged = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    assert logged[0]["tokens"] > logged[1]["tokens"]  # 4 prompts, then 1 (rank 0: filler)
+    for r in logged:
+        for k in TRL_METRICS:
+            assert torch.isfinite(torch.tensor(float(r[k]))), (k, r[k])
+
+
 @pytest.mark.slow
 def test_ppo_on_smollm2(smollm2, tmp_path):
     base, tok = smollm2

@@ -48,6 +48,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fastpeft.train import distributed
 from fastpeft.train.config import PPOConfig, TrainConfig
 from fastpeft.train.loop import NonFiniteLossError, Trainer, _to
 from fastpeft.train.modeling import (ScalarHead, final_hidden, hidden_size, lm_parts,
@@ -212,6 +213,10 @@ class PPOTrainer(Trainer):
         self._check_prompts(model, train, "train")
         if evals is not None:
             self._check_prompts(model, evals, "eval")
+        if getattr(config, "fsdp", False):
+            raise ValueError("train.fsdp is not supported by PPO: generation runs a different "
+                             "number of forwards on each rank, which FSDP's collectives cannot "
+                             "follow; use data parallel (torchrun without train.fsdp)")
         split = ppo.num_mini_batches * config.grad_accum
         if config.batch_size % split:
             raise ValueError(f"train.batch_size ({config.batch_size}) must be a multiple of "
@@ -488,15 +493,12 @@ class PPOTrainer(Trainer):
     # ---- the PPO iteration ----------------------------------------------------------------
 
     def _optimizer_step(self, step: int, where: str) -> float | None:
-        """One optimizer step on the accumulated gradients: clip to train.max_grad_norm (the
-        norm is returned either way), step, zero. None when the gradient norm is not finite
-        and train.on_nan is skip (the update is dropped and counted in skipped_steps)."""
-        params = [p for _, p in self.trainable_parameters()]
-        if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        else:
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        """One optimizer step on the accumulated gradients: sum them over ranks (the loop's
+        sync_gradients; a no-op in one process), clip to train.max_grad_norm (the norm is
+        returned either way), step, zero. None when the gradient norm is not finite and
+        train.on_nan is skip (the update is dropped and counted in skipped_steps)."""
+        self.sync_gradients()
+        norm = self.clip_and_norm_gradients()
         if not torch.isfinite(norm):
             if self.config.on_nan == "stop":
                 raise NonFiniteLossError(f"step {step} ({where}): the gradient norm is "
@@ -509,12 +511,16 @@ class PPOTrainer(Trainer):
         return float(norm)
 
     def _minibatch(self, rollout: dict, idx: torch.Tensor, step: int, where: str) -> dict | None:
-        """Forward + backward of one mini-batch (grad_accum micro-batches, the losses token
-        means over the whole mini-batch); its stats, or None when a loss was not finite and
-        train.on_nan is skip."""
+        """Forward + backward of one mini-batch (grad_accum micro-batches; the losses are token
+        means over the whole mini-batch, of every rank: the gradients summed over ranks are
+        those of one process with the global batch); its stats (this rank's, weighted by its
+        share of the tokens), or None when a loss of any rank was not finite and train.on_nan
+        is skip (every rank takes the same decision)."""
         ppo = self.ppo
         mask = rollout["mask"]
-        n_tok = mask[idx].sum().clamp(min=1).float()
+        n_tok = torch.as_tensor(distributed.all_reduce_sum(float(mask[idx].sum())),
+                                dtype=torch.float32, device=mask.device).clamp(min=1)
+        bad = None
         acc = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
                "ratio": 0.0, "vf_clipfrac": 0.0, "entropy": 0.0, "loss": 0.0}
         for micro in torch.tensor_split(idx, self.config.grad_accum):
@@ -535,13 +541,9 @@ class PPOTrainer(Trainer):
                                                clip=ppo.cliprange_value)
             loss = (pg_loss + ppo.vf_coef * vf_loss) * weight
             if not torch.isfinite(loss.detach()):
-                if self.config.on_nan == "stop":
-                    raise NonFiniteLossError(
-                        f"step {step} ({where}): the loss is {loss.detach().item()} "
-                        "(train.on_nan=stop; set train.on_nan=skip to skip such updates)")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.skipped_steps += 1
-                return None
+                if bad is None:
+                    bad = float(loss.detach())
+                continue
             loss.backward()
             w = float(weight)
             acc["loss"] += float(loss.detach())
@@ -552,6 +554,17 @@ class PPOTrainer(Trainer):
             acc["ratio"] += float(pg_stats["ratio_mean"]) * w
             acc["vf_clipfrac"] += float(vf_stats["vf_clipfrac"]) * w
             acc["entropy"] += float(self._entropy(h, rollout["responses"][micro], m)) / float(n_tok)
+        if distributed.is_distributed():
+            found = [b for b in distributed.all_gather_object(bad) if b is not None]
+            bad = found[0] if found else None
+        if bad is not None:
+            if self.config.on_nan == "stop":
+                raise NonFiniteLossError(
+                    f"step {step} ({where}): the loss is {bad} (train.on_nan=stop; set "
+                    "train.on_nan=skip to skip such updates)")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return None
         return acc
 
     def train_step(self) -> dict:
@@ -561,7 +574,10 @@ class PPOTrainer(Trainer):
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         batch = _to(self.next_batch(), self.device)
+        filler = self.batch_is_filler
         rollout, stats = self.make_experience(batch)
+        if filler:  # no prompts for this rank in the epoch's last, short batch: no loss
+            rollout["mask"] = torch.zeros_like(rollout["mask"])
         B = rollout["responses"].shape[0]
         self.model.train()
         sums: dict[str, float] = {}
@@ -570,8 +586,8 @@ class PPOTrainer(Trainer):
         for epoch in range(ppo.num_ppo_epochs):
             order = torch.randperm(B).to(self.device)
             for m, idx in enumerate(torch.tensor_split(order, ppo.num_mini_batches)):
-                if idx.numel() == 0:
-                    continue
+                if idx.numel() == 0 and not distributed.is_distributed():
+                    continue  # (under torchrun every rank takes part in every update)
                 where = f"PPO epoch {epoch}, mini-batch {m}"
                 acc = self._minibatch(rollout, idx, step, where)
                 if acc is None:
@@ -584,11 +600,17 @@ class PPOTrainer(Trainer):
                 for k, v in acc.items():
                     sums[k] = sums.get(k, 0.0) + v
         self.scheduler.step()
+        n_prompts = 0 if filler else B
+        stats = self._mean_over_ranks(stats, n_prompts)
+        # each rank's sums are its share of the global token means: they add up over ranks
+        sums = {k: distributed.all_reduce_sum(v) for k, v in sorted(sums.items())}
+        n_prompts = int(distributed.all_reduce_sum(n_prompts))
         if ppo.adaptive_kl:
-            self.kl_coef = adaptive_kl_update(self.kl_coef, stats["objective/kl"], B,
+            self.kl_coef = adaptive_kl_update(self.kl_coef, stats["objective/kl"], n_prompts,
                                               ppo.target_kl, ppo.kl_horizon)
         self.step = step
-        tokens = int(rollout["attention_mask"].sum())
+        tokens = int(distributed.all_reduce_sum(
+            0 if filler else int(rollout["attention_mask"].sum())))
         self.tokens_seen += tokens
         elapsed = max(time.perf_counter() - start, 1e-9)
         avg = {k: v / max(updates, 1) for k, v in sums.items()}
@@ -618,6 +640,24 @@ class PPOTrainer(Trainer):
             self.save_checkpoint()
         self.on_step_end(step, metrics)
         return metrics
+
+    @staticmethod
+    def _mean_over_ranks(values: dict, weight: float) -> dict:
+        """Weighted means over ranks of per-rank metrics (val/num_eos_tokens is summed); the
+        values themselves in one process."""
+        if not distributed.is_distributed():
+            return values
+        gathered = distributed.all_gather_object((values, weight))
+        total = sum(w for _, w in gathered) or 1.0
+        out = {}
+        for k, v in values.items():
+            if k == "val/num_eos_tokens":
+                out[k] = int(sum(g[k] for g, w in gathered if w))
+            elif k == "objective/kl_coef":
+                out[k] = v
+            else:
+                out[k] = sum(g[k] * w for g, w in gathered if k in g) / total
+        return out
 
     def evaluate(self) -> dict:
         """Scores of greedy completions of the eval prompts (no sampling, so the global RNG
