@@ -257,13 +257,27 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size \(6\) must be a multiple .* = 4\)"):
         trainer(tmp_path, train_kw=dict(batch_size=6, grad_accum=2))
     data = prompts(8)
-    data[3] = {"input_ids": list(range(2, 40)), "attention_mask": [1] * 38}
+    data[3] = {"input_ids": list(range(2, 40))}  # no attention_mask: ones are filled in
     with pytest.raises(ValueError, match="train prompt 3 has 38 tokens, more than max_length=16"):
         PPOTrainer(policy(), CharTokenizer(), cfg(tmp_path), ppo_cfg(), data,
                    max_length=16, reward_fn=lowercase)
     data[3] = {"input_ids": [], "attention_mask": []}
     with pytest.raises(ValueError, match="train prompt 3: no input_ids"):
         trainer(tmp_path, data=data)
+    # bare input_ids: an all-ones attention_mask is filled in (the batches are left padded)
+    # and the prompt texts the reward function gets are decoded from the ids
+    got = []
+
+    def reward(prompts, completions):
+        got.extend(prompts)
+        return lowercase(prompts, completions)
+
+    data = prompts(8)
+    t = trainer(tmp_path, data=[{"input_ids": e["input_ids"]} for e in data], reward_fn=reward,
+                train_kw=dict(max_steps=1))
+    assert all(e["attention_mask"] == [1] * len(e["input_ids"]) for e in t.train_dataset)
+    t.train()
+    assert sorted(got) == sorted(e["prompt"] for e in data)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):

@@ -210,9 +210,9 @@ class PPOTrainer(Trainer):
         train = load(train_dataset, "train")
         evals = load(eval_dataset, "eval")
         lm_parts(model)  # a clear error for anything but a causal LM
-        self._check_prompts(model, train, "train")
+        train = self._check_prompts(model, train, "train")
         if evals is not None:
-            self._check_prompts(model, evals, "eval")
+            evals = self._check_prompts(model, evals, "eval")
         if getattr(config, "fsdp", False):
             raise ValueError("train.fsdp is not supported by PPO: generation runs a different "
                              "number of forwards on each rank, which FSDP's collectives cannot "
@@ -248,8 +248,11 @@ class PPOTrainer(Trainer):
 
     # ---- set-up ---------------------------------------------------------------------------
 
-    def _check_prompts(self, model: nn.Module, examples: list, split: str) -> None:
+    def _check_prompts(self, model: nn.Module, examples: list, split: str) -> list[dict]:
+        """The prompts, checked, each with an attention_mask (all ones when missing: left
+        padding must be masked)."""
         limit = getattr(model.config, "max_position_embeddings", None)
+        out = []
         for i, ex in enumerate(examples):
             ids = ex.get("input_ids") if isinstance(ex, dict) else None
             if ids is None or len(ids) == 0:
@@ -262,6 +265,10 @@ class PPOTrainer(Trainer):
                 raise ValueError(f"{split} prompt {i}: {len(ids)} tokens + "
                                  f"ppo.response_length {self.ppo.response_length} exceed the "
                                  f"model's max_position_embeddings ({limit})")
+            if ex.get("attention_mask") is None:
+                ex = dict(ex, attention_mask=[1] * len(ids))
+            out.append(ex)
+        return out
 
     def _resolve_reward(self, reward_fn) -> tuple[Callable, str]:
         spec, directory = self.ppo.reward_fn, self.ppo.reward_model
@@ -303,9 +310,6 @@ class PPOTrainer(Trainer):
             return self.config.max_steps
         return max(1, round(self.config.epochs * self.batches_per_epoch))
 
-    def num_tokens(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum())
-
     # ---- rollout --------------------------------------------------------------------------
 
     def _generation_config(self, greedy: bool):
@@ -326,10 +330,7 @@ class PPOTrainer(Trainer):
         tokens after the first EOS masked out), responses [B, R] (pad after EOS), mask [B, R]
         (the response tokens, EOS included), has_eos [B] and last [B] (index of each
         response's last token)."""
-        query = batch["input_ids"]
-        qmask = batch.get("attention_mask")
-        if qmask is None:
-            qmask = torch.ones_like(query)
+        query, qmask = batch["input_ids"], batch["attention_mask"]
         was_training = self.model.training
         self.model.eval()
         try:
