@@ -366,6 +366,47 @@ def test_prompts_from_a_file_with_the_smollm2_tokenizer(tmp_path):
     assert all(torch.isfinite(torch.tensor(last[k])) for k in TRL_METRICS)
 
 
+def test_scores_from_a_reward_model_directory(tmp_path):
+    """ppo.reward_model: a (fully fine-tuned, so it reloads without a hub base) tiny reward
+    model written by RewardTrainer scores the completions through load_reward_model."""
+    from _tokenizer import example, smollm2_tokenizer
+
+    from fastpeft.train import RewardConfig, RewardTrainer, load_reward_model
+
+    tok = smollm2_tokenizer()
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, bos_token_id=None,
+            eos_token_id=None, pad_token_id=None))
+
+    rm_dir = tmp_path / "rm"
+    RewardTrainer(tiny(1), tok, cfg(rm_dir, max_steps=1, batch_size=2), RewardConfig(),
+                  example("preference.jsonl"), max_length=48).train()
+    got = []
+
+    class Spy:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, prompts, completions):
+            got.append((prompts, completions))
+            return self.fn(prompts, completions)
+
+    policy_model = fastpeft.patch(tiny(0), fastpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    t = PPOTrainer(policy_model, tok, cfg(tmp_path / "ppo", max_steps=1, batch_size=2),
+                   ppo_cfg(reward_model=str(rm_dir), response_length=4, num_ppo_epochs=1,
+                           num_mini_batches=1), example("messages.jsonl"), max_length=48)
+    assert t.reward_name == f"reward model {str(rm_dir)!r}"
+    t.reward_fn = Spy(t.reward_fn)
+    last = t.train()
+    (prompts_seen, completions), = got
+    expected = load_reward_model(str(rm_dir))(prompts_seen, completions)
+    assert last["objective/raw_scores"] == pytest.approx(sum(expected) / 2, abs=1e-5)
+
+
 def test_two_processes_under_torchrun(tmp_path):
     """Data parallel PPO (tests/_dist_ppo.py): each rank generates for its share of the
     prompts, the gradients are summed over ranks at every mini-batch update, so both ranks

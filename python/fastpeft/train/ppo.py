@@ -287,7 +287,8 @@ class PPOTrainer(Trainer):
         if directory is not None:
             from fastpeft.train.reward import load_reward_model
 
-            return load_reward_model(directory), f"reward model {directory!r}"
+            return (load_reward_model(directory, device=self.device),
+                    f"reward model {directory!r}")
         raise ValueError("PPO needs scores: pass reward_fn=callable, or set ppo.reward_fn "
                          "(\"file.py:function\" or \"module:function\") or ppo.reward_model "
                          "(a reward-model directory)")
