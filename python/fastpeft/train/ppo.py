@@ -297,11 +297,11 @@ class PPOTrainer(Trainer):
         self.value_head.to(self.device)
         super().setup()
 
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The policy's trainable parameters and the value head (in the optimizer and in
-        checkpoints, so a resume restores it)."""
-        return super().trainable_parameters() + [
-            (f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
+    def heads(self) -> dict[str, nn.Module]:
+        """The value head joins the trainable parameters (as value_head.linear.*: optimised,
+        clipped, synced over ranks, checkpointed and restored on resume)."""
+        head = getattr(self, "value_head", None)
+        return {} if head is None else {"value_head": head}
 
     @property
     def total_steps(self) -> int:
