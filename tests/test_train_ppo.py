@@ -85,11 +85,9 @@ def trainer(tmp_path, model=None, reward_fn=lowercase, data=None, train_kw=None,
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(request):
-    """The tiny models run fastest on one thread (and the CI cores are shared)."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
+def _one_thread():
+    """One thread: these small forwards (SmolLM2's too, on a few tokens) run fastest so, and
+    many times slower when the threads of several processes contend for shared cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -437,21 +435,21 @@ def test_two_processes_under_torchrun(tmp_path):
 @pytest.mark.slow
 def test_ppo_on_smollm2(smollm2, tmp_path):
     base, tok = smollm2
-    data = [{"prompt": "Name a colour."}, {"prompt": "Count to three."}]
+    # raw prompts (prompt_completion rows, no chat template): short sequences keep it fast
     path = tmp_path / "prompts.jsonl"
-    path.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": d["prompt"]},
-                                                   {"role": "assistant", "content": "Ok."}]})
-                              for d in data))
+    path.write_text("\n".join(json.dumps({"prompt": p, "completion": " ok"})
+                              for p in ("Name a colour:", "Count to three:")))
     model = fastpeft.patch(base, fastpeft.LoraConfig(r=4, lora_alpha=8,
                                                      target_modules=["q_proj", "v_proj"]))
     try:
-        t = PPOTrainer(model, tok, cfg(tmp_path / "out", max_steps=1, batch_size=2, lr=1e-3),
-                       ppo_cfg(response_length=6, num_ppo_epochs=1, num_mini_batches=1,
+        t = PPOTrainer(model, tok, cfg(tmp_path / "out", max_steps=2, batch_size=2, lr=1e-3),
+                       ppo_cfg(response_length=4, num_ppo_epochs=1, num_mini_batches=1,
                                missing_eos_penalty=1.0),
                        str(path), reward_fn=lambda p, c: [float(len(x)) / 20 for x in c])
         t.train()
-        first = t.history[0]
-        assert first["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+        first, second = t.history
+        assert first["objective/kl"] == 0.0  # zero-init LoRA: the policy is the reference
+        assert second["objective/kl"] != 0.0  # one update later it is not
         for h in t.history:
             assert all(torch.isfinite(torch.tensor(float(h[k]))) for k in TRL_METRICS)
         assert os.path.isfile(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
