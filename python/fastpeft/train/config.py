@@ -118,7 +118,8 @@ class PPOConfig:
 
     reward_fn: "path/to/file.py:function" or "package.module:function", called as
         fn(prompts: list[str], completions: list[str]) -> list[float]; or reward_model: a
-        directory written by the reward-model stage. Exactly one of the two.
+        directory written by the reward-model stage. At most one of the two; with neither,
+        PPOTrainer needs a reward_fn callable.
     """
 
     reward_fn: str | None = None
@@ -142,10 +143,10 @@ class PPOConfig:
     whiten_rewards: bool = False
 
     def __post_init__(self):
-        if (self.reward_fn is None) == (self.reward_model is None):
-            raise ValueError("ppo: set exactly one of ppo.reward_fn (\"file.py:function\") and "
-                             f"ppo.reward_model (a reward-model directory), got reward_fn="
-                             f"{self.reward_fn!r}, reward_model={self.reward_model!r}")
+        if self.reward_fn is not None and self.reward_model is not None:
+            raise ValueError("ppo: set one of ppo.reward_fn (\"file.py:function\") and "
+                             f"ppo.reward_model (a reward-model directory), not both; got "
+                             f"reward_fn={self.reward_fn!r}, reward_model={self.reward_model!r}")
         _check_choice("ppo", self, "kl_estimator", ("k1", "k3"))
         _check_range("ppo", self, "kl_coef", lo=0.0)
         _check_range("ppo", self, "target_kl", lo=0.0, lo_open=True)

@@ -331,7 +331,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}",
                                 tok_s=f"{last.get('tokens_per_s', 0.0):.0f}")
-            if self.eval_dataset is not None and "eval_loss" not in last:
+            if self.eval_dataset is not None and not any(k.startswith("eval") for k in last):
                 ev = self.evaluate()
                 if ev:
                     self.logger.log(self.step, ev)
