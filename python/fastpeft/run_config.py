@@ -440,13 +440,19 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args)
     if origin is list:
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        return f"a list of {_plural(args[0])}" if args else "a list"
     if origin is tuple:
-        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+        return f"a list of {len(args)} {_plural(args[0])}" if len(set(args)) == 1 else (
+            f"a list ({', '.join(_type_name(a) for a in args)})")
     if origin is dict:
         return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "a mapping"
     return {bool: "a bool (true / false)", int: "an int", float: "a number",
             str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _plural(tp: Any) -> str:
+    return {str: "strings", int: "ints", float: "numbers", bool: "bools"}.get(
+        tp, f"({_type_name(tp)})")
 
 
 def key_reference() -> dict[str, list[tuple[str, str, Any]]]:
