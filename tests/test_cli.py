@@ -96,7 +96,8 @@ def test_an_unknown_key_set_by_an_override_names_the_override(tmp_path):
     (base(train={"gradient_checkpointing": "yes"}), "train.gradient_checkpointing", "a bool",
      "'yes'"),
     (base(train={"adam_betas": [0.9]}), "train.adam_betas", "a list of 2 numbers", "[0.9]"),
-    (base(peft={"target_modules": 3}), "peft.target_modules", "a list of strings or a string or null", "3"),
+    (base(peft={"target_modules": 3}), "peft.target_modules",
+     "a list of strings or a string or null", "3"),
     (base(data={"train": "t.jsonl", "packing": 1}), "data.packing", "a bool", "1"),
     ({"model": "m", "data": {"train": 5}}, "data.train", "a string", "5"),
     (base(train=[1, 2]), "train", "block", "[1, 2]"),
@@ -376,8 +377,10 @@ def test_the_sft_example_runs_on_smollm2(tmp_path):
         cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
-    assert [r["step"] for r in records] == [1, 2] and "eval_loss" in records[-1]
-    assert all(0 < r["loss"] < 10 for r in records)  # a trained model, not a random one
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert sorted({r["step"] for r in records}) == [1, 2] and len(losses) == 2
+    assert "eval_loss" in records[-1]  # data.eval is evaluated at the end
+    assert all(0 < loss < 10 for loss in losses)  # a trained model, not a random one
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8
     assert (tmp_path / "run_config.yaml").is_file()

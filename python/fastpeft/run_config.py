@@ -394,7 +394,10 @@ def _coerce(value: Any, tp: Any, strict: bool = False) -> tuple[bool, Any]:
             return False, value
         if args and args[-1] is not Ellipsis and len(args) != len(value):
             return False, value
-        items = args if args and args[-1] is not Ellipsis else [args[0] if args else Any] * len(value)
+        if args and args[-1] is not Ellipsis:
+            items = args
+        else:
+            items = [args[0] if args else Any] * len(value)
         out = []
         for v, a in zip(value, items):
             ok, c = _coerce(v, a, strict)
@@ -422,7 +425,9 @@ def _coerce(value: Any, tp: Any, strict: bool = False) -> tuple[bool, Any]:
         if isinstance(value, bool):
             return False, value
         if isinstance(value, (int, float)):
-            return (True, float(value)) if not strict or isinstance(value, float) else (False, value)
+            if strict and not isinstance(value, float):
+                return False, value  # an int fits an `int | float` hint as an int
+            return True, float(value)
         if not strict and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             return True, float(value)
         return False, value
@@ -445,7 +450,9 @@ def _type_name(tp: Any) -> str:
         return f"a list of {len(args)} {_plural(args[0])}" if len(set(args)) == 1 else (
             f"a list ({', '.join(_type_name(a) for a in args)})")
     if origin is dict:
-        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "a mapping"
+        if not args:
+            return "a mapping"
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
     return {bool: "a bool (true / false)", int: "an int", float: "a number",
             str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
