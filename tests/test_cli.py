@@ -357,6 +357,27 @@ def test_full_fine_tuning_from_the_command(tmp_path, tiny_dir):
     assert not (tmp_path / "out" / "adapter").exists()
 
 
+@pytest.mark.parametrize("command", ["rm", "dpo"])
+def test_the_pair_stages_from_the_command(tmp_path, tiny_dir, command):
+    path = tiny_run(tmp_path, tiny_dir, example("preference.jsonl"), max_steps=2)
+    extra = ["rm.center_rewards_coefficient=0.01"] if command == "rm" else ["dpo.beta=0.2"]
+    assert cli.main([command, "--config", path, "data.max_length=48",
+                     f"data.eval={example('ranked.jsonl')}", *extra]) == 0
+    out = tmp_path / "out"
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert sorted({r["step"] for r in records}) == [1, 2]
+    assert "eval_loss" in records[-1]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    resolved = load_run_config(str(out / "run_config.yaml"), command)
+    assert resolved.stage.to_dict() == load_run_config(path, command, extra).stage.to_dict()
+    if command == "rm":  # a reward model that PPO can load (ppo.reward_model: output_dir)
+        from fastpeft.train.reward import load_reward_model
+
+        reward = load_reward_model(str(out))
+        scores = reward(["Question: What is 1 plus 1?\nAnswer:"] * 2, [" 2.", " 3."])
+        assert len(scores) == 2
+
+
 def test_python_m_fastpeft_reports_a_config_error_without_a_traceback(tmp_path):
     path = write_yaml(tmp_path, base(train={"learning_rate": 1e-4}))
     env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "python")}
