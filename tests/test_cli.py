@@ -208,7 +208,10 @@ def test_the_config_classes_own_checks_name_the_file_and_key(tmp_path):
     msg = config_error(tmp_path, base(data={"train": "t", "packing": True}))
     assert "data.packing needs data.max_length" in msg
     msg = config_error(tmp_path, base(ppo={"kl_coef": 0.1}), "ppo")
-    assert "run.yaml: ppo: set exactly one of ppo.reward_fn" in msg
+    assert "run.yaml: ppo: set" in msg and "ppo.reward_fn" in msg and "ppo.reward_model" in msg
+    msg = config_error(tmp_path, base(ppo={"reward_fn": "f.py:f", "reward_model": "out/rm"}),
+                       "ppo")
+    assert "run.yaml: ppo: set" in msg and "ppo.reward_fn" in msg and "ppo.reward_model" in msg
     msg = config_error(tmp_path, base(ppo={"reward_fn": "f.py:f", "kl_estimator": "k2"}), "ppo")
     assert "ppo.kl_estimator: 'k2' is not one of" in msg
     msg = config_error(tmp_path, base(dpo={"beta": 0}), "dpo")

@@ -325,6 +325,10 @@ def _build(raw: dict, command: str, where: _Where) -> RunConfig:
     if stage is not None:
         name, cls = stage
         stage_config = _dataclass(cls, _block(raw, name, where), name, where, name)
+        if name == "ppo" and stage_config.reward_fn is None and stage_config.reward_model is None:
+            # The library also takes a Python callable; from a config file there is none.
+            raise where.error("ppo", "ppo: set ppo.reward_fn (\"file.py:function\") or "
+                              "ppo.reward_model (a directory written by `fastpeft rm`)")
     return RunConfig(command=command, model=model, method=method, peft=peft, data=data,
                      train=train, stage=stage_config, source=where.path)
 
