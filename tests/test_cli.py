@@ -155,6 +155,7 @@ def test_a_bad_method_and_method_full(tmp_path):
     msg = config_error(tmp_path, base(method="lorra"))
     assert "run.yaml" in msg and "method: 'lorra' is not one of" in msg
     assert "did you mean 'lora'?" in msg
+    assert "did you mean 'lora'?" in config_error(tmp_path, base(method="LoRA"))
     msg = config_error(tmp_path, base(method="full", peft={"r": 4}))
     assert "method 'full'" in msg and "peft" in msg
     run = load_run_config(write_yaml(tmp_path, base(method="full")), "sft")

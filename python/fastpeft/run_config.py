@@ -297,7 +297,7 @@ def _build(raw: dict, command: str, where: _Where) -> RunConfig:
 
     method = raw.get("method", "lora")
     if method not in METHODS:
-        close = difflib.get_close_matches(str(method), list(METHODS), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(str(method).lower(), list(METHODS), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise where.error("method", f"method: {method!r} is not one of {list(METHODS)}{hint}")
 
