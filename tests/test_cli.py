@@ -382,6 +382,20 @@ def test_the_pair_stages_from_the_command(tmp_path, tiny_dir, command):
         assert len(scores) == 2
 
 
+def test_ppo_from_the_command_with_the_example_reward_fn(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.chdir(REPO)  # ppo.reward_fn: examples/reward_fns.py:polite_and_concise
+    out = tmp_path / "out"
+    assert cli.main(["ppo", "--config", "examples/ppo.yaml", f"model={tiny_dir}",
+                     f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=2",
+                     "ppo.response_length=6", "ppo.num_ppo_epochs=1", "train.progress=false",
+                     "train.plots=false", "train.tensorboard=false"]) == 0
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2]
+    assert all("objective/scores" in r and "objective/kl" in r for r in records)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert load_run_config(str(out / "run_config.yaml"), "ppo").stage.response_length == 6
+
+
 def test_python_m_fastpeft_reports_a_config_error_without_a_traceback(tmp_path):
     path = write_yaml(tmp_path, base(train={"learning_rate": 1e-4}))
     env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "python")}
