@@ -5,7 +5,7 @@ import torch
 from torch.library import opcheck
 
 from fastpeft.ops import adapter_bottleneck, reference, use_backend
-from _harness import compare_with_reference, run, saved_tensors
+from _harness import compare_with_reference, saved_tensors
 
 DTYPES = [torch.float32, torch.bfloat16]
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu"]

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.library import opcheck
 
 from fastpeft.ops import lora_linear, reference, use_backend

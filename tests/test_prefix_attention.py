@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 from fastpeft.ops import prefix_attention, reference, use_backend
-from _harness import compare_with_reference, run, saved_tensors
+from _harness import compare_with_reference, saved_tensors
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (B, Hq, Hkv, T, P, D, prefix batch 1?, mask?, causal)

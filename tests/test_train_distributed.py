@@ -1,10 +1,11 @@
 """Distributed training on the CPU: tests/_dist_sft.py is launched with torchrun (2 gloo
 processes) for data parallel (batch_size 2), data parallel with grad_accum 2 (batch_size 1) and
-FSDP2 with gradient checkpointing (batch_size 2); each must match one process with the same global batch (batch_size 4,
-resp. 2 x grad_accum 2), run here in the test process: the loss curve, the eval losses and the
-final adapter within 1e-5. 17 train / 5 eval examples: the last global micro-batch of an epoch
-is short and one rank gets a filler row, and one rank has one eval batch fewer (a filler batch
-keeps FSDP's collectives in step). Only rank 0 writes logs and checkpoints."""
+FSDP2 with gradient checkpointing (batch_size 2); each must match one process with the same
+global batch (batch_size 4, resp. 2 x grad_accum 2), run here in the test process: the loss
+curve, the eval losses and the final adapter within 1e-5. 17 train / 5 eval examples: the last
+global micro-batch of an epoch is short and one rank gets a filler row, and one rank has one
+eval batch fewer (a filler batch keeps FSDP's collectives in step). Only rank 0 writes logs and
+checkpoints. The reward-model stage (its head outside the model) runs the same way."""
 
 import os
 import subprocess

@@ -410,11 +410,18 @@ class Trainer:
                    "tokens": tokens, "tokens_per_s": tokens / elapsed, **extra}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
+        return self.finish_step(step, metrics)
+
+    def finish_step(self, step: int, metrics: dict) -> dict:
+        """After an optimizer step (the stages that write their own train_step call it too):
+        skipped_steps, eval_every, logging, history, save_every, on_step_end."""
+        cfg = self.config
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
         if cfg.eval_every and step % cfg.eval_every == 0:
             metrics.update(self.evaluate())
-        if step % cfg.log_every == 0 or step == self.total_steps or "eval_loss" in metrics:
+        evaluated = any(k.startswith("eval") for k in metrics)
+        if step % cfg.log_every == 0 or step == self.total_steps or evaluated:
             self.logger.log(step, metrics)
         self.history.append({"step": step, **metrics})
         if cfg.save_every and (step % cfg.save_every == 0 or step == self.total_steps):

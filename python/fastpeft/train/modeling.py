@@ -108,7 +108,8 @@ class ScalarHead(nn.Module):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=bias)
         with torch.no_grad():
-            self.linear.weight.normal_(0.0, std if std is not None else 1 / math.sqrt(hidden_size + 1))
+            std = std if std is not None else 1 / math.sqrt(hidden_size + 1)
+            self.linear.weight.normal_(0.0, std)
             if bias:
                 self.linear.bias.zero_()
 

@@ -571,7 +571,7 @@ class PPOTrainer(Trainer):
 
     def train_step(self) -> dict:
         """One PPO iteration (see the module docstring)."""
-        cfg, ppo = self.config, self.ppo
+        ppo = self.ppo
         step = self.step + 1
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
@@ -631,17 +631,7 @@ class PPOTrainer(Trainer):
         }
         if norms:
             metrics["grad_norm"] = sum(norms) / len(norms)
-        if self.skipped_steps:
-            metrics["skipped_steps"] = self.skipped_steps
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            metrics.update(self.evaluate())
-        if step % cfg.log_every == 0 or step == self.total_steps or "eval/scores" in metrics:
-            self.logger.log(step, metrics)
-        self.history.append({"step": step, **metrics})
-        if cfg.save_every and (step % cfg.save_every == 0 or step == self.total_steps):
-            self.save_checkpoint()
-        self.on_step_end(step, metrics)
-        return metrics
+        return self.finish_step(step, metrics)
 
     @staticmethod
     def _mean_over_ranks(values: dict, weight: float) -> dict:
