@@ -305,6 +305,37 @@ def test_sft_end_to_end_writes_metrics_adapter_and_the_resolved_config(sft_out):
     assert resolved.to_dict() == load_run_config(path, "sft", ["train.seed=3"]).to_dict()
 
 
+def test_torchrun_m_fastpeft_sft_on_two_processes_matches_one(tmp_path, tiny_dir):
+    """`torchrun --nproc_per_node=2 -m fastpeft sft --config ...` (2 gloo processes, batch 2
+    each) gives the loss curve of one process with batch 4; only rank 0 writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "python"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    two = tiny_run(tmp_path, tiny_dir, max_steps=4, batch_size=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fastpeft", "sft", "--config", two, "peft.lora_dropout=0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    one_dir = tmp_path / "one"
+    one_dir.mkdir()
+    one = tiny_run(one_dir, tiny_dir, max_steps=4, batch_size=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["sft", "--config", one, "peft.lora_dropout=0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a = read_metrics(str(tmp_path / "out" / "metrics.jsonl"))
+    b = read_metrics(str(one_dir / "out" / "metrics.jsonl"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-5
+    assert [x["tokens"] for x in a] == [y["tokens"] for y in b]
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "out" / "run_config.yaml").read_text())["train"][
+        "batch_size"] == 2
+
+
 def test_merge_gives_the_patched_models_logits(sft_out, tiny_dir, tmp_path, capsys):
     out, _ = sft_out
     merged_dir = tmp_path / "merged"

@@ -121,6 +121,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "run_config.yaml"), "w") as f:
             f.write(run.to_yaml())
+    from fastpeft.train.loop import seed_everything
+
+    seed_everything(run.train.seed)  # the adapter's initial weights follow train.seed
     model, tokenizer = build_model(run)
     if _is_main_process() and run.peft is not None:
         fastpeft.print_trainable_parameters(model)
