@@ -36,8 +36,9 @@ test: setup
 demo: setup
 	$(VENV)/bin/fastpeft demo
 
+# Every benchmark suite: the ops (bench/bench_<op>.py) and the end-to-end steps (bench_e2e.py).
 bench: setup
-	$(VENV)/bin/fastpeft bench
+	$(VENV)/bin/fastpeft bench --suite all
 
 lint: setup
 	$(PY) -m ruff check python tests bench || true
