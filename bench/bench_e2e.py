@@ -115,13 +115,22 @@ def load_tokenizer():
     return tok
 
 
-def build_base(kind: str, vocab: int):
+def build_base(kind: str, vocab: int, device: str = "cpu"):
     """(model, name) of the base: SmolLM2-135M-Instruct (fastpeft.models.load_model), or a
-    random-weight Llama from a config ("tiny", "1b")."""
+    random-weight Llama from a config ("tiny", "1b"; the 1B one is initialised on `device`,
+    which is much faster on a GPU than on the CPU)."""
     if kind == "smollm2":
         from fastpeft.models import load_model
 
-        return load_model("smollm2-135m", "fp32", with_tokenizer=False)[0], "SmolLM2-135M-Instruct"
+        model = load_model("smollm2-135m", "fp32", with_tokenizer=False)[0]
+        # Loaded from a GGUF file, the model carries a GGUF "quantizer" although its weights
+        # are dequantized fp32 tensors; transformers' Trainer (under TRL) refuses to train a
+        # model with a quantizer that cannot train, so drop it.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
+        if getattr(model, "is_quantized", False):
+            model.is_quantized = False
+        return model, "SmolLM2-135M-Instruct"
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if kind == "tiny":
@@ -137,7 +146,8 @@ def build_base(kind: str, vocab: int):
     else:
         raise ValueError(f"--model: expected smollm2 or 1b, got {kind!r}")
     torch.manual_seed(SEED)
-    return LlamaForCausalLM(config), name
+    with torch.device(device if kind == "1b" else "cpu"):
+        return LlamaForCausalLM(config), name
 
 
 def make_pair(base, device, dtype):
@@ -561,7 +571,7 @@ def measure_memory(task: str, side: str, args) -> dict:
 def setup_models(args):
     tok = load_tokenizer()
     kind = "tiny" if args.quick else args.model
-    base, name = build_base(kind, len(tok))
+    base, name = build_base(kind, len(tok), args.device)
     return tok, base, name
 
 
@@ -579,8 +589,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, key, title in ((axes[0], "median_s", "step time (s, lower is better)"),
                            (axes[1], "torch_peak_mb", "peak MB of a step (torch allocator)")):
         for k, which in enumerate(("fastpeft", "baseline")):
-            vals = [r["results"][r["sides"][0] if which == "fastpeft" else r["sides"][1]][key]
-                    for r in rows]
+            vals = [r["results"][r["sides"][0] if which == "fastpeft" else r["sides"][1]].get(key)
+                    or 0.0 for r in rows]  # 0: not measured (--no-memory)
             ax.bar([i + (k - 0.5) * 0.38 for i in x], vals, width=0.38,
                    label="fastpeft" if which == "fastpeft" else "baseline")
         ax.set_xticks(list(x))
@@ -603,6 +613,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=["smollm2", "1b"], default="smollm2")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the per-side memory processes")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of tasks not run now from the existing results file")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the .md and .png from the existing results .json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dpo-rows", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -618,6 +632,12 @@ def main(argv=None) -> int:
     if args.child:
         return child_main(args)
     rounds = args.rounds or (2 if args.quick else 5)
+    if args.report_only:
+        path = (Path(args.out) if args.out else RESULTS) / (
+            f"e2e_{args.device}" + ("_quick" if args.quick else "") + ".json")
+        rows = json.loads(path.read_text())["rows"]
+        rounds = args.rounds or min(len(s["runs_s"]) for r in rows for s in r["results"].values())
+        return report(rows, args, rounds, rows[0]["model"])
     S = sizes(args.quick)
     tok, base, model_name = setup_models(args)
     rows = []
@@ -654,6 +674,13 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "profile_top_ops"}, indent=1),
               flush=True)
         rows.append(row)
+    if args.merge:
+        path = (Path(args.out) if args.out else RESULTS) / (
+            f"e2e_{args.device}" + ("_quick" if args.quick else "") + ".json")
+        if path.is_file():
+            done = {r["task"] for r in rows}
+            kept = [r for r in json.loads(path.read_text())["rows"] if r["task"] not in done]
+            rows = sorted(kept + rows, key=lambda r: TASKS.index(r["task"]))
     return report(rows, args, rounds, model_name)
 
 
@@ -713,6 +740,15 @@ def report(rows, args, rounds, model_name) -> int:
                       "| op | self ms | calls | share |", "|---|---|---|---|"]
             extra += [f"| {o['op']} | {o['self_ms']:.1f} | {o['calls']} | {o['share']:.1%} |"
                       for o in ops]
+    same_rss = [r["task"].upper() for r in rows
+                if all(r["results"][n].get("rss_max_mb") for n in r["sides"])
+                and abs(r["results"][r["sides"][0]]["rss_max_mb"]
+                        - r["results"][r["sides"][1]]["rss_max_mb"]) < 1.0]
+    if same_rss:
+        extra.insert(0, f"RSS max is the same on both sides for {', '.join(same_rss)}: the "
+                        "process's high-water mark is reached while loading the model, before "
+                        "any step (the GGUF weights are dequantized in memory); RSS step and "
+                        "torch peak are the step's own figures.")
     if extra:
         text += "\n" + "\n".join(extra) + "\n"
         (out_dir / f"{stem}.md").write_text(text)
