@@ -709,14 +709,15 @@ def report(rows, args, rounds, model_name) -> int:
     if sft is not None:
         sp = sft["tokens_per_s_ratio"]
         mem = sft.get("torch_peak_mb_fastpeft_over_peft")
-        rss = sft.get("rss_max_mb_fastpeft_over_peft")
+        rss = sft.get("rss_step_mb_fastpeft_over_peft")
         verdict = (f"SFT targets: tokens/s >= {TARGET_SPEEDUP}x peft: {sp:.2f}x "
                    f"({'met' if sp >= TARGET_SPEEDUP else 'missed'}); peak memory <= "
                    f"{TARGET_MEMORY}x peft: torch allocator {_fmt(mem, '.2f')}x"
                    + ("" if mem is None else f" ({'met' if mem <= TARGET_MEMORY else 'missed'})")
-                   + f", process RSS high-water {_fmt(rss, '.2f')}x"
+                   + f"; RSS high-water of the step {_fmt(rss, '.2f')}x"
                    + ("" if rss is None else f" ({'met' if rss <= TARGET_MEMORY else 'missed'})")
-                   + ".")
+                   + ". Absolute times depend on the load of this shared machine; the ratios "
+                     "are measured side by side in one run.")
     note = (f"{model_name}, LoRA all-linear r=16 alpha=32 dropout 0.05, {args.dtype}, AdamW "
             f"lr {LR}. One optimizer step per task (PPO: one iteration: generate, score, "
             f"update); medians of {rounds} interleaved rounds after a warm-up step. Baselines: "
@@ -734,6 +735,8 @@ def report(rows, args, rounds, model_name) -> int:
         if r["task"] == "ppo":
             extra.append("PPO mean response length (tokens): " + ", ".join(
                 f"{n} {r['results'][n]['mean_response_length']:.1f}" for n in r["sides"]))
+        if r.get("profile_note"):
+            extra += ["", f"{r['task'].upper()} profile: {r['profile_note']}."]
         for name, ops in r.get("profile_top_ops", {}).items():
             extra += ["", f"## {r['task'].upper()} step, {name}: top ops by self CPU time "
                           "(torch.profiler, one step)", "",
