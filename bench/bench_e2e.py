@@ -15,8 +15,9 @@ SFT (B=4 x T=256 random token ids, labels = input_ids), one optimizer step:
   logits) and its ForCausalLMLoss, `.backward()`, AdamW step, zero_grad.
   No gradient clipping on either side. tokens/s = B*T / median step time.
 
-DPO (B=4 pairs of preference rows made of seeded random words, each prompt + completion about
-128 tokens, EOS appended; beta 0.1, sigmoid loss), one optimizer step:
+DPO (B=4 pairs of preference rows made of seeded random words, 40-word prompts and 40-word
+completions, about 80 tokens a row with the EOS TRL appends; beta 0.1, sigmoid loss), one
+optimizer step:
 - fastpeft: fastpeft.train.DPOTrainer.train_step(): reference log-probs of the 2B rows under
   fastpeft.disable_adapter (eval mode, no grad), then the policy's (one forward for chosen +
   rejected), both through the fused linear_token_logprobs; dpo_loss; backward; gradient
