@@ -36,8 +36,9 @@ test: setup
 demo: setup
 	$(VENV)/bin/fastpeft demo
 
+# Every benchmark suite: the ops (bench/bench_<op>.py) and the end-to-end steps (bench_e2e.py).
 bench: setup
-	$(VENV)/bin/fastpeft bench
+	$(VENV)/bin/fastpeft bench --suite all
 
 lint: setup
 	$(PY) -m ruff check python tests bench || true
@@ -56,7 +57,8 @@ gpu-check:
 	  for op in lora_linear prefix_attention ia3_linear adapter_bottleneck token_logprobs \
 	            linear_cross_entropy gae ppo_loss; do \
 	    python3 bench/bench_$$op.py --device cuda --out $(OUT) 2>&1 | tee $(OUT)/bench_$$op.log; \
-	  done; }
+	  done; \
+	  python3 bench/bench_e2e.py --device cuda --model 1b --out $(OUT) 2>&1 | tee $(OUT)/bench_e2e.log; }
 
 clean:
 	rm -rf build python/fastpeft/_C*.so

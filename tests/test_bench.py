@@ -42,3 +42,65 @@ def test_quick_patch_benchmark_writes_results(tmp_path, monkeypatch):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert "| tiny-llama | 2 x 32 |" in (tmp_path / "patch_cpu_quick.md").read_text()
     sys.modules.pop("bench_patch", None)
+
+
+def test_quick_e2e_benchmark_writes_results(tmp_path, monkeypatch):
+    """bench_e2e --quick (tiny Llama, in-process timing only): SFT vs peft, DPO vs TRL, PPO vs
+    the plain loop each time both sides on the same tokens and write the table and chart."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    module = importlib.import_module("bench_e2e")
+    assert module.main(["--quick", "--rounds", "1", "--no-memory", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "e2e_cpu_quick.json").read_text())
+    rows = {row["task"]: row for row in data["rows"]}
+    assert set(rows) == {"sft", "dpo", "ppo"}
+    for task, baseline in (("sft", "peft"), ("dpo", "trl"), ("ppo", "plain")):
+        row = rows[task]
+        assert row["sides"] == ["fastpeft", baseline]
+        res = row["results"]
+        for name in row["sides"]:
+            assert res[name]["median_s"] > 0 and res[name]["tokens_per_s"] > 0, (task, name)
+        # the same batch on both sides
+        assert res["fastpeft"]["tokens_per_step"] == res[baseline]["tokens_per_step"], task
+        assert math.isfinite(row[f"speedup_fastpeft_over_{baseline}"])
+    assert rows["sft"]["results"]["fastpeft"]["tokens_per_step"] == 2 * 32
+    for name in ("fastpeft", "peft"):
+        ops = rows["sft"]["profile_top_ops"][name]
+        assert ops and all(o["self_ms"] >= 0 for o in ops)
+    md = (tmp_path / "e2e_cpu_quick.md").read_text()
+    for cells in ("| SFT | peft |", "| DPO | trl |", "| PPO | plain |", "SFT targets:"):
+        assert cells in md, cells
+    assert (tmp_path / "e2e_cpu_quick.png").read_bytes()[:4] == b"\x89PNG"
+    sys.modules.pop("bench_e2e", None)
+
+
+def test_e2e_memory_child_reports_peaks(monkeypatch):
+    """The per-side memory process (bench_e2e --child): RSS high-water marks and the torch
+    allocator's peak of one SFT step of the tiny model."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    module = importlib.import_module("bench_e2e")
+    args = argparse.Namespace(device="cpu", model="smollm2", quick=True)
+    mem = module.measure_memory("sft", "peft", args)
+    assert mem["torch_peak_mb"] > 0 and mem["rss_max_mb"] > 100, mem
+    assert mem["rss_step_mb"] is None or mem["rss_step_mb"] >= 0, mem
+    sys.modules.pop("bench_e2e", None)
+
+
+def test_cli_bench_suites(monkeypatch):
+    """fastpeft bench --suite e2e runs bench_e2e.py, --suite all every suite; --op belongs to
+    the ops suite."""
+    from fastpeft import cli
+
+    ran = []
+    monkeypatch.setattr(cli, "_run_bench", lambda script, extra: ran.append((script, extra)) or 0)
+    assert cli.main(["bench", "--suite", "e2e", "--quick"]) == 0
+    assert ran == [("bench_e2e.py", ["--quick", "--device", "cpu"])]
+    ran.clear()
+    assert cli.main(["bench", "--suite", "all"]) == 0
+    assert [s for s, _ in ran] == list(cli.OP_BENCHMARKS + cli.MODEL_BENCHMARKS) + ["bench_e2e.py"]
+    ran.clear()
+    assert cli.main(["bench"]) == 0
+    assert "bench_e2e.py" not in [s for s, _ in ran]
+    ran.clear()
+    assert cli.main(["bench", "--suite", "e2e", "--op", "gae"]) == 2 and not ran

@@ -32,11 +32,24 @@ OP_BENCHMARKS = ("bench_lora_linear.py", "bench_ia3_linear.py", "bench_adapter_b
                  "bench_linear_cross_entropy.py", "bench_gae.py", "bench_ppo_loss.py")
 # fastpeft.patch on the default model against peft.
 MODEL_BENCHMARKS = ("bench_patch.py",)
+# The benchmarks of each suite: "ops" the fused ops and the patched model, "e2e" whole training
+# steps (SFT vs peft + transformers, DPO vs TRL, PPO vs a plain PyTorch loop); "all" runs
+# every suite.
+SUITES = {"ops": OP_BENCHMARKS + MODEL_BENCHMARKS, "e2e": ("bench_e2e.py",)}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     extra = (["--quick"] if args.quick else []) + ["--device", args.device]
-    scripts = [f"bench_{args.op}.py"] if args.op else OP_BENCHMARKS + MODEL_BENCHMARKS
+    if args.op and args.suite != "ops":
+        print(f"fastpeft bench: error: --op {args.op} selects one benchmark of --suite ops, "
+              f"not of --suite {args.suite}", file=sys.stderr)
+        return 2
+    if args.op:
+        scripts = [f"bench_{args.op}.py"]
+    elif args.suite == "all":
+        scripts = [s for suite in SUITES.values() for s in suite]
+    else:
+        scripts = SUITES[args.suite]
     status = 0
     for script in scripts:
         status = _run_bench(script, extra) or status
@@ -190,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="how fastpeft was built").set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)")
-    bench.add_argument("--suite", choices=["ops"], default="ops")
+    bench.add_argument("--suite", choices=[*SUITES, "all"], default="ops",
+                       help="ops: the fused ops and the patched model; e2e: whole training "
+                            "steps against peft + transformers / TRL; all: every suite")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     bench.add_argument("--op", choices=[s[6:-3] for s in OP_BENCHMARKS + MODEL_BENCHMARKS],
