@@ -1,0 +1,72 @@
+"""`fastpeft demo --quick`: the demo's whole path on a tiny random Llama with the SmolLM2
+tokenizer (the real demo on SmolLM2 takes minutes and is not in the suite): the table, the
+final line, the adapter and loss plot, and the printed peft lines, run as printed."""
+
+import json
+import os
+import re
+
+import torch
+
+import fastpeft
+from fastpeft.cli import main
+from fastpeft.demo import format_table
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--quick", "--out", out, "--steps", "3", "--n-eval", "4",
+                 "--shots", "2"]) == 0
+    text = capsys.readouterr().out
+    lines = text.strip().splitlines()
+    assert re.fullmatch(r"accuracy before: \d+% after: \d+%", lines[-1])
+    assert sum(bool(re.match(r"accuracy before", line)) for line in lines) == 1
+    for method in ("zero-shot", "few-shot ICL (k=2)", "LoRA SFT"):
+        assert any(line.startswith(method) for line in lines), method
+
+    results = json.loads(open(os.path.join(out, "results.json")).read())
+    assert [r["method"] for r in results["rows"]] == ["zero-shot", "few-shot ICL (k=2)",
+                                                      "LoRA SFT"]
+    assert results["rows"][0]["trainable"] == 0 and results["rows"][2]["trainable"] > 0
+    assert results["n_eval"] == 4 and results["steps"] == 3
+    before, after = (round(100 * results["rows"][i]["accuracy"]) for i in (0, 2))
+    assert lines[-1] == f"accuracy before: {before}% after: {after}%"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "plots/loss.png", "metrics.jsonl", "data/train.jsonl", "data/heldout.jsonl"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    train = {json.loads(x)["messages"][1]["content"] for x in open(os.path.join(out,
+                                                                               "data/train.jsonl"))}
+    held = {json.loads(x)["messages"][1]["content"] for x in open(os.path.join(out,
+                                                                              "data/heldout.jsonl"))}
+    assert len(held) == 4 and not train & held
+
+    # The three printed lines load the adapter with the installed peft ...
+    printed = lines[lines.index("load it with peft:") + 1:][:3]
+    assert printed == ["    " + line for line in results["peft_lines"]]
+    scope: dict = {}
+    exec("\n".join(line.strip() for line in printed), scope)
+    import peft
+
+    assert isinstance(scope["model"], peft.PeftModel)
+    # ... and give fastpeft's logits for the trained adapter (which changed the base's).
+    from fastpeft.models import load_model
+
+    base, tokenizer = load_model(os.path.join(out, "quick_base"))
+    ids = tokenizer(["Reverse the digits: 48162"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        ours = fastpeft.load_adapter(base, os.path.join(out, "adapter")).eval()(ids).logits
+        theirs = scope["model"].eval()(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(theirs, base_logits, atol=1e-6)
+
+
+def test_format_table():
+    rows = [dict(method="zero-shot", accuracy=0.0, trainable=0, train_s=0.0, eval_s=3.2),
+            dict(method="LoRA SFT", accuracy=0.875, trainable=1234567, train_s=151.0,
+                 eval_s=4.0)]
+    table = format_table(rows).splitlines()
+    assert len(table) == 4 and set(table[1]) <= {"-", "+"}
+    assert [c.strip() for c in table[2].split("|")] == ["zero-shot", "0.0%", "0", "-", "3 s"]
+    assert [c.strip() for c in table[3].split("|")] == ["LoRA SFT", "87.5%", "1,234,567",
+                                                        "151 s", "4 s"]
