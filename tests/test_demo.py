@@ -6,11 +6,12 @@ import json
 import os
 import re
 
+import pytest
 import torch
 
 import fastpeft
 from fastpeft.cli import main
-from fastpeft.demo import format_table
+from fastpeft.demo import format_table, load_lines, lora_config
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -24,7 +25,8 @@ def test_demo_quick(tmp_path, capsys):
     for method in ("zero-shot", "few-shot ICL (k=2)", "LoRA SFT"):
         assert any(line.startswith(method) for line in lines), method
 
-    results = json.loads(open(os.path.join(out, "results.json")).read())
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
     assert [r["method"] for r in results["rows"]] == ["zero-shot", "few-shot ICL (k=2)",
                                                       "LoRA SFT"]
     assert results["rows"][0]["trainable"] == 0 and results["rows"][2]["trainable"] > 0
@@ -34,10 +36,12 @@ def test_demo_quick(tmp_path, capsys):
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                  "plots/loss.png", "metrics.jsonl", "data/train.jsonl", "data/heldout.jsonl"):
         assert os.path.isfile(os.path.join(out, name)), name
-    train = {json.loads(x)["messages"][1]["content"] for x in open(os.path.join(out,
-                                                                               "data/train.jsonl"))}
-    held = {json.loads(x)["messages"][1]["content"] for x in open(os.path.join(out,
-                                                                              "data/heldout.jsonl"))}
+
+    def questions(name):
+        with open(os.path.join(out, "data", name)) as f:
+            return {json.loads(line)["messages"][1]["content"] for line in f}
+
+    train, held = questions("train.jsonl"), questions("heldout.jsonl")
     assert len(held) == 4 and not train & held
 
     # The three printed lines load the adapter with the installed peft ...
@@ -70,3 +74,59 @@ def test_format_table():
     assert [c.strip() for c in table[2].split("|")] == ["zero-shot", "0.0%", "0", "-", "3 s"]
     assert [c.strip() for c in table[3].split("|")] == ["LoRA SFT", "87.5%", "1,234,567",
                                                         "151 s", "4 s"]
+
+
+@pytest.mark.slow
+def test_peft_lines_load_a_smollm2_adapter(smollm2, tmp_path):
+    """The lines the real demo prints (base "smollm2-135m") load its kind of adapter with the
+    installed peft and give fastpeft's logits."""
+    base, tokenizer = smollm2
+    directory = str(tmp_path / "adapter")
+    ids = tokenizer(["Reverse the digits: 48162"], return_tensors="pt").input_ids
+    model = fastpeft.patch(base, lora_config(4))
+    try:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
+            ours = model(ids).logits
+            fastpeft.save_adapter(model, directory)
+    finally:
+        fastpeft.unpatch(model)
+    with torch.no_grad():
+        plain = base(ids).logits
+    scope: dict = {}
+    exec("\n".join(load_lines("smollm2-135m", directory)), scope)
+    with torch.no_grad():
+        theirs = scope["model"].eval()(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert (theirs - plain).abs().max() > 1e-2
+
+
+def test_shared_prefix_cache_gives_the_padded_answers(tmp_path):
+    """Few-shot prompts share their system turn and examples: generating from one copied KV
+    cache of that prefix gives what plain left-padded generation gives."""
+    from fastpeft.data.synthetic import make_splits
+    from fastpeft.demo import _common_prefix, _tiny_model, generate_answers, prompts_of
+
+    model, tokenizer = _tiny_model(str(tmp_path))
+    model.train()
+    train, held = make_splits(3, 5, seed=1)
+    prompts = prompts_of(tokenizer, held, train)
+    seen = []  # the tokens each forward call runs
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    shared = generate_answers(model, tokenizer, prompts, 6, batch_size=3)
+    tokens_shared, seen[:] = sum(seen), []
+    padded = generate_answers(model, tokenizer, prompts, 6, batch_size=3, share_prefix=False)
+    hook.remove()
+    assert shared == padded and len(shared) == 5 and all(shared)
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prefix = _common_prefix(rows)
+    assert len(rows[0]) - 12 < prefix < len(rows[0])  # system turn + 3 examples
+    assert sum(seen) - tokens_shared == 4 * prefix  # the prefix ran once, not 5 times
+    assert model.training  # restored (the tiny model is loaded in train mode)
+    # prompts of different lengths take the padded path
+    mixed = prompts[:2] + prompts_of(tokenizer, make_splits(0, 1, length=7)[1])
+    assert generate_answers(model, tokenizer, mixed, 6) == generate_answers(
+        model, tokenizer, mixed, 6, share_prefix=False)
