@@ -130,3 +130,10 @@ def test_shared_prefix_cache_gives_the_padded_answers(tmp_path):
     mixed = prompts[:2] + prompts_of(tokenizer, make_splits(0, 1, length=7)[1])
     assert generate_answers(model, tokenizer, mixed, 6) == generate_answers(
         model, tokenizer, mixed, 6, share_prefix=False)
+
+
+def test_demo_rejects_bad_options(capsys):
+    for option, value in (("--steps", "0"), ("--shots", "-1"), ("--digits", "1")):
+        with pytest.raises(SystemExit):
+            main(["demo", "--quick", option, value])
+        assert f"{option}: must be an integer >= " in capsys.readouterr().err

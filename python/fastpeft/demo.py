@@ -27,20 +27,31 @@ import torch
 QUICK_BASE_DIR = "quick_base"
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        return value
+
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", metavar="DIR",
                         help="where the data, the adapter, metrics and plots go (default: "
                              "demo_out)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=_at_least(1), default=None,
                         help="LoRA SFT optimizer steps (default: 80; 4 with --quick)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_at_least(1), default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
-    parser.add_argument("--shots", type=int, default=4,
+    parser.add_argument("--rank", type=_at_least(1), default=16,
+                        help="LoRA rank (alpha = 2 x rank)")
+    parser.add_argument("--shots", type=_at_least(0), default=4,
                         help="solved examples in the prompt for few-shot ICL")
-    parser.add_argument("--n-eval", type=int, default=None,
+    parser.add_argument("--n-eval", type=_at_least(1), default=None,
                         help="held-out questions (default: 100; 8 with --quick)")
-    parser.add_argument("--digits", type=int, default=5, help="digits per question")
+    parser.add_argument("--digits", type=_at_least(2), default=5, help="digits per question")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="a tiny random model: checks the pipeline in seconds")
@@ -231,6 +242,7 @@ def run(args: argparse.Namespace) -> dict:
     acc, secs, outputs = evaluate(model, tokenizer, held_out)
     rows.append(dict(method="LoRA SFT", accuracy=acc, trainable=trainable, train_s=train_s,
                      eval_s=secs))
+    print(f"after LoRA SFT: {100 * acc:.1f}% (e.g. {outputs[0]!r})", flush=True)
 
     adapter = os.path.join(out, "adapter")
     plot = os.path.join(out, "plots", "loss.png")
