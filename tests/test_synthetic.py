@@ -10,6 +10,9 @@ def test_splits_are_seeded():
     a = S.make_splits(50, 20, seed=3)
     assert a == S.make_splits(50, 20, seed=3)
     assert a != S.make_splits(50, 20, seed=4)
+    # the held-out split does not depend on the training split's size
+    assert S.make_splits(500, 20, seed=3)[1] == a[1]
+    assert S.make_splits(500, 20, seed=3)[0][:50] == a[0]
 
 
 def test_splits_are_disjoint_and_unique():

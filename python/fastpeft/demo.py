@@ -108,7 +108,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
             cache = None
             if prefix > 0:
                 ids = torch.tensor([rows[0][:prefix]], device=model.device)
-                cache = model(input_ids=ids, use_cache=True).past_key_values
+                cache = model(input_ids=ids, use_cache=True).cache
             for i in range(0, len(prompts), batch_size):
                 if cache is not None:
                     ids = torch.tensor(rows[i:i + batch_size], device=model.device)

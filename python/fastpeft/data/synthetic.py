@@ -8,7 +8,8 @@ CPU, while SmolLM2-135M-Instruct gets it almost always wrong zero-shot and with 
 examples in the prompt (it explains, or rewrites the number instead of reversing it).
 
 The train and held-out splits are drawn without replacement from the same pool of digit
-strings, so they never share a question; the same seed gives the same splits.
+strings, so they never share a question; the same seed gives the same splits, and the same
+held-out split whatever the size of the training split.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def reverse_example(digits: str) -> TaskExample:
 def make_splits(n_train: int, n_eval: int, seed: int = 0,
                 length: int = 5) -> tuple[list[TaskExample], list[TaskExample]]:
     """(train, held_out) examples of the digit-reversal task: n_train + n_eval distinct digit
-    strings of `length` digits (leading zeros allowed), drawn with random.Random(seed)."""
+    strings of `length` digits (leading zeros allowed), drawn one by one with
+    random.Random(seed), repeats skipped. The first n_eval draws are held out, so the held-out
+    split depends on (seed, n_eval, length) only, not on how much training data is asked for."""
     if length < 2:
         raise ValueError(f"length must be >= 2 (a reversal must change something), got {length}")
     if n_train < 0 or n_eval < 0:
@@ -58,9 +61,16 @@ def make_splits(n_train: int, n_eval: int, seed: int = 0,
     if n_train + n_eval > pool:
         raise ValueError(f"n_train + n_eval = {n_train + n_eval} exceeds the {pool} distinct "
                          f"digit strings of length {length}")
-    numbers = random.Random(seed).sample(range(pool), n_train + n_eval)
+    rng = random.Random(seed)
+    seen: set[int] = set()
+    numbers: list[int] = []
+    while len(numbers) < n_train + n_eval:
+        x = rng.randrange(pool)
+        if x not in seen:
+            seen.add(x)
+            numbers.append(x)
     examples = [reverse_example(f"{x:0{length}d}") for x in numbers]
-    return examples[:n_train], examples[n_train:]
+    return examples[n_eval:], examples[:n_eval]
 
 
 def to_rows(examples: list[TaskExample]) -> list[dict]:
