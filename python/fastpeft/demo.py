@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the data, the adapter, metrics and plots go (default: "
                              "demo_out)")
     parser.add_argument("--steps", type=_at_least(1), default=None,
-                        help="LoRA SFT optimizer steps (default: 80; 4 with --quick)")
+                        help="LoRA SFT optimizer steps (default: 60; 4 with --quick)")
     parser.add_argument("--batch-size", type=_at_least(1), default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rank", type=_at_least(1), default=16,
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
     from fastpeft.train.sft import SFTTrainer
 
     start = time.perf_counter()
-    steps = args.steps if args.steps is not None else (4 if args.quick else 80)
+    steps = args.steps if args.steps is not None else (4 if args.quick else 60)
     n_eval = args.n_eval if args.n_eval is not None else (8 if args.quick else 100)
     n_train = max(steps * args.batch_size, 64)  # every training question seen once
     out = args.out
