@@ -57,10 +57,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print("fastpeft build:")
-    print(json.dumps(fastpeft.build_info(), indent=2))
-    print("\nfused LoRA linear vs peft vs the frozen base layer (forward+backward, CPU fp32):")
-    return _run_bench("bench_lora_linear.py", ["--quick"])
+    from fastpeft.demo import run
+
+    run(args)
+    return 0
 
 
 STAGE_HELP = {
@@ -211,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--op", choices=[s[6:-3] for s in OP_BENCHMARKS + MODEL_BENCHMARKS],
                        default=None, help="one benchmark (default: all)")
     bench.set_defaults(func=cmd_bench)
-    sub.add_parser("demo", help="the main job on the embedded default model").set_defaults(
-        func=cmd_demo
-    )
+    demo = sub.add_parser("demo", help="the main job: LoRA SFT of the embedded default model on "
+                          "a synthetic task, accuracy before / after (see fastpeft/demo.py)")
+    from fastpeft.demo import add_arguments
+
+    add_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
     for name, text in STAGE_HELP.items():
         stage = sub.add_parser(name, help=text, description=f"{text}. Keys: docs/cli.md.")
         stage.add_argument("--config", required=True, metavar="FILE.yaml",
