@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rm-steps", type=_at_least(1), default=None,
                         help="reward-model steps with --rlhf (default: 60; 3 with --quick)")
     parser.add_argument("--ppo-steps", type=_at_least(1), default=None,
-                        help="PPO iterations with --rlhf (default: 20; 2 with --quick)")
+                        help="PPO iterations with --rlhf (default: 12; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny random model: checks the pipeline in seconds")
 
@@ -210,13 +210,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# --rlhf settings, chosen by measurement on SmolLM2 (see the issue 7 notes): the reward model
-# as the SFT adapter; PPO samples at temperature 1 so the SFT policy still makes errors for
-# the reward model to see.
+# --rlhf settings, measured on SmolLM2 after the default SFT: its samples of the 100 held-out
+# prompts are all exact at temperature 1 and 1.5 (nothing for PPO to improve), 53% exact at
+# 2.0 (mean reward 6.0 against 8.4 at T=1), gibberish at 3.0. PPO samples (and computes its
+# log-probs) at 2.0, so the reward model sees errors to penalise.
 RM_LR = 1e-3
-PPO_LR = 3e-4
+PPO_LR = 5e-4
 PPO_BATCH = 16
-PPO_TEMPERATURE = 1.0
+PPO_TEMPERATURE = 2.0
 PPO_KL_COEF = 0.05
 PPO_EPOCHS = 2
 
@@ -258,7 +259,7 @@ def run_rlhf(args: argparse.Namespace, model, tokenizer, base: str, train, held_
 
     out = args.out
     rm_steps = args.rm_steps if args.rm_steps is not None else (3 if args.quick else 60)
-    ppo_steps = args.ppo_steps if args.ppo_steps is not None else (2 if args.quick else 20)
+    ppo_steps = args.ppo_steps if args.ppo_steps is not None else (2 if args.quick else 12)
     batch = 4 if args.quick else PPO_BATCH
     data = os.path.join(out, "data")
     prefs = {}
