@@ -72,7 +72,7 @@ def test_demo_quick_rlhf(tmp_path, capsys):
     extra rows, lines and results."""
     out = str(tmp_path / "demo")
     assert main(["demo", "--quick", "--rlhf", "--out", out, "--steps", "2", "--n-eval", "4",
-                 "--shots", "1", "--rm-steps", "2", "--ppo-steps", "2"]) == 0
+                 "--shots", "1", "--rm-steps", "2", "--ppo-steps", "2", "--lr", "0.1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"accuracy before: \d+% after: \d+%", lines[-1])
     with open(os.path.join(out, "results.json")) as f:
@@ -86,7 +86,9 @@ def test_demo_quick_rlhf(tmp_path, capsys):
     for key in ("rm_heldout_accuracy", "sampled_accuracy_before", "sampled_accuracy_after",
                 "accuracy_after_ppo"):
         assert 0.0 <= r[key] <= 1.0, key
-    assert abs(r["kl_before"]) < 1e-4 < r["kl_after"]  # reference = the starting SFT policy
+    # the reference is the policy PPO starts from (KL 0), and that is the SFT model: PPO going
+    # on training the SFT adapter (reference = the bare base) gives ~5e-3 here (--lr 0.1)
+    assert abs(r["kl_before"]) < 1e-4 < r["kl_after"]
     assert results["rows"][-1]["accuracy"] == r["accuracy_after_ppo"]
     assert results["rows"][-2]["accuracy"] == r["rm_heldout_accuracy"]
     assert f"reward model held-out pairwise accuracy: {100 * r['rm_heldout_accuracy']:.1f}%" \
