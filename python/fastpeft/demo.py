@@ -213,7 +213,10 @@ def format_table(rows: list[dict]) -> str:
 # --rlhf settings, measured on SmolLM2 after the default SFT: its samples of the 100 held-out
 # prompts are all exact at temperature 1 and 1.5 (nothing for PPO to improve), 53% exact at
 # 2.0 (mean reward 6.0 against 8.4 at T=1), gibberish at 3.0. PPO samples (and computes its
-# log-probs) at 2.0, so the reward model sees errors to penalise.
+# log-probs) at 2.0, so the reward model sees errors to penalise. Measured with these settings
+# (the default SFT adapter and reward model, seed 0): held-out mean reward 5.60 -> 7.80,
+# sampled exact match 42% -> 66%, KL 0.97 nats / sequence, greedy accuracy still 100%; 12
+# iterations took 380 s on the loaded shared CPU (1 thread).
 RM_LR = 1e-3
 PPO_LR = 5e-4
 PPO_BATCH = 16
