@@ -31,6 +31,7 @@ def test_demo_quick(tmp_path, capsys):
                                                       "LoRA SFT"]
     assert results["rows"][0]["trainable"] == 0 and results["rows"][2]["trainable"] > 0
     assert results["n_eval"] == 4 and results["steps"] == 3
+    assert results["rlhf"] is None and not os.path.exists(os.path.join(out, "reward_model"))
     before, after = (round(100 * results["rows"][i]["accuracy"]) for i in (0, 2))
     assert lines[-1] == f"accuracy before: {before}% after: {after}%"
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
@@ -63,6 +64,61 @@ def test_demo_quick(tmp_path, capsys):
         theirs = scope["model"].eval()(ids).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(theirs, base_logits, atol=1e-6)
+
+
+def test_demo_quick_rlhf(tmp_path, capsys):
+    """--rlhf: preferences, a reward model (its directory reloads), PPO from the SFT policy (the
+    KL to its reference starts at 0: the reference is the SFT model, not the bare base), the
+    extra rows, lines and results."""
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--quick", "--rlhf", "--out", out, "--steps", "2", "--n-eval", "4",
+                 "--shots", "1", "--rm-steps", "2", "--ppo-steps", "2", "--lr", "0.1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"accuracy before: \d+% after: \d+%", lines[-1])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    r = results["rlhf"]
+    assert [row["method"] for row in results["rows"]][-2:] == ["reward model (pairwise)",
+                                                               "SFT + PPO"]
+    for method in ("reward model (pairwise)", "SFT + PPO"):
+        assert any(line.startswith(method) for line in lines), method
+    assert r["rm_steps"] == 2 and r["ppo_steps"] == 2 and r["n_pref_heldout"] == 4
+    for key in ("rm_heldout_accuracy", "sampled_accuracy_before", "sampled_accuracy_after",
+                "accuracy_after_ppo"):
+        assert 0.0 <= r[key] <= 1.0, key
+    # the reference is the policy PPO starts from (KL 0), and that is the SFT model: PPO going
+    # on training the SFT adapter (reference = the bare base) gives ~5e-3 here (--lr 0.1)
+    assert abs(r["kl_before"]) < 1e-4 < r["kl_after"]
+    assert results["rows"][-1]["accuracy"] == r["accuracy_after_ppo"]
+    assert results["rows"][-2]["accuracy"] == r["rm_heldout_accuracy"]
+    assert f"reward model held-out pairwise accuracy: {100 * r['rm_heldout_accuracy']:.1f}%" \
+        in "\n".join(lines)
+    assert (f"PPO, held-out prompts sampled at T={r['temperature']}: mean reward before: "
+            f"{r['reward_before']:.3f} after: {r['reward_after']:.3f}   KL to the SFT "
+            f"reference: {r['kl_after']:.3f} nats/sequence") in lines
+    assert any(line.startswith("after PPO (greedy): ") for line in lines)
+    for name in ("reward_model/reward_model.json", "reward_model/reward_head.safetensors",
+                 "reward_model/adapter/adapter_config.json", "ppo/adapter/adapter_config.json",
+                 "ppo/value_head.safetensors", "data/prefs_train.jsonl",
+                 "data/prefs_heldout.jsonl", "adapter/adapter_config.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+    def prefs(name):
+        with open(os.path.join(out, "data", name)) as f:
+            return [json.loads(line) for line in f]
+
+    train, held = prefs("prefs_train.jsonl"), prefs("prefs_heldout.jsonl")
+    assert len(held) == 4 and not {p["prompt"] for p in train} & {p["prompt"] for p in held}
+    assert all(p["chosen"] != p["rejected"] for p in train + held)
+    # the saved reward model reloads and scores the held-out pairs as reported
+    from fastpeft.train.reward import load_reward_model
+
+    rm = load_reward_model(os.path.join(out, "reward_model"),
+                           base_model=os.path.join(out, "quick_base"))
+    prompts = [p["prompt"] for p in held]
+    chosen = rm(prompts, [p["chosen"] for p in held])
+    rejected = rm(prompts, [p["rejected"] for p in held])
+    assert sum(c > x for c, x in zip(chosen, rejected)) / 4 == r["rm_heldout_accuracy"]
 
 
 def test_format_table():
@@ -132,8 +188,24 @@ def test_shared_prefix_cache_gives_the_padded_answers(tmp_path):
         model, tokenizer, mixed, 6, share_prefix=False)
 
 
+def test_docs_cli_md_lists_every_demo_option():
+    import argparse
+
+    from fastpeft.demo import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    here = os.path.dirname(os.path.abspath(__file__))
+    text = open(os.path.join(here, "..", "docs", "cli.md")).read()
+    options = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    assert "--rlhf" in options
+    missing = [o for o in options if o != "--help" and o not in text]
+    assert not missing, f"docs/cli.md does not list the demo options {missing}"
+
+
 def test_demo_rejects_bad_options(capsys):
-    for option, value in (("--steps", "0"), ("--shots", "-1"), ("--digits", "1")):
+    for option, value in (("--steps", "0"), ("--shots", "-1"), ("--digits", "1"),
+                          ("--rm-steps", "0"), ("--ppo-steps", "0")):
         with pytest.raises(SystemExit):
             main(["demo", "--quick", option, value])
         assert f"{option}: must be an integer >= " in capsys.readouterr().err

@@ -91,3 +91,81 @@ def test_accuracy():
         S.accuracy(["1"], ["1", "2"])
     with pytest.raises(ValueError, match="no examples"):
         S.accuracy([], [])
+
+
+# ---- preference pairs (fastpeft demo --rlhf) -----------------------------------------------
+
+def _is_near_miss(kind: str, ex, wrong: str) -> bool:
+    a = ex.answer
+    if kind == "unreversed":
+        return wrong == ex.digits
+    if kind == "changed":
+        return len(wrong) == len(a) and sum(x != y for x, y in zip(wrong, a)) == 1
+    if kind == "swapped":
+        return any(wrong == a[:i] + a[i + 1] + a[i] + a[i + 2:] for i in range(len(a) - 1))
+    if kind == "dropped":
+        return any(wrong == a[:i] + a[i + 1:] for i in range(len(a)))
+    if kind == "added":
+        return len(wrong) == len(a) + 1 and any(wrong[:i] + wrong[i + 1:] == a
+                                                for i in range(len(wrong)))
+    raise AssertionError(kind)
+
+
+def test_preference_rows_are_seeded_near_misses():
+    train, held = S.make_splits(300, 50, seed=2)
+    rows = S.preference_rows(train, seed=5)
+    assert rows == S.preference_rows(train, seed=5)
+    assert rows != S.preference_rows(train, seed=6)
+    assert len(rows) == len(train)
+    for row, ex in zip(rows, train):
+        assert row["prompt"] == ex.question and row["chosen"] == ex.answer
+        assert row["rejected"] != row["chosen"] and row["rejected"].isdigit()
+        assert _is_near_miss(row["kind"], ex, row["rejected"]), row
+    assert {r["kind"] for r in rows} == set(S.NEAR_MISSES)  # every kind occurs
+    # held-out pairs come from the held-out questions: no prompt shared with training
+    held_rows = S.preference_rows(held, seed=6)
+    assert not {r["prompt"] for r in rows} & {r["prompt"] for r in held_rows}
+
+
+def test_preference_rows_never_reject_the_answer():
+    """Palindromes (unreversed == answer) and repeated digits (nothing to swap) fall back to
+    another kind."""
+    examples = [S.reverse_example(d) for d in ("12321", "11111", "00", "90")]
+    for seed in range(20):
+        for row, ex in zip(S.preference_rows(examples, seed=seed), examples):
+            assert row["rejected"] != ex.answer and _is_near_miss(row["kind"], ex,
+                                                                   row["rejected"])
+    with pytest.raises(ValueError, match="reversed is itself"):
+        S.near_miss(S.reverse_example("12321"), "unreversed", __import__("random").Random(0))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        S.near_miss(examples[0], "shuffled", __import__("random").Random(0))
+    with pytest.raises(ValueError, match="prompts must have one text per example, got 1"):
+        S.preference_rows(examples, prompts=["x"])
+
+
+def test_preference_rows_load_as_preference_data(tmp_path):
+    """With the chat-rendered prompts the demo passes, the pairs load as the preference format
+    and their prompt text is the one load_prompt_dataset gives PPO for the same question (so
+    the reward model scores PPO's completions as it was trained)."""
+    import json
+
+    from _tokenizer import smollm2_tokenizer
+
+    from fastpeft.data import load_preference_dataset, load_prompt_dataset
+    from fastpeft.demo import prompts_of
+
+    tok = smollm2_tokenizer()
+    train = S.make_splits(4, 0, seed=1)[0]
+    rows = S.preference_rows(train, seed=0, prompts=prompts_of(tok, train))
+    prefs, sft = tmp_path / "prefs.jsonl", tmp_path / "train.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft.write_text("".join(json.dumps(r) + "\n" for r in S.to_rows(train)))
+    pairs, stats = load_preference_dataset(str(prefs), tok)
+    assert stats.format == "preference" and len(pairs) == 4
+    prompts, _ = load_prompt_dataset(str(sft), tok)
+    for pair, prompt, row in zip(pairs, prompts, rows):
+        assert prompt["prompt"] == row["prompt"]
+        n = len(prompt["input_ids"])
+        assert pair["chosen_input_ids"][:n] == prompt["input_ids"]
+        assert tok.decode(pair["chosen_input_ids"][n:]) == row["chosen"] + tok.eos_token
+        assert tok.decode(pair["rejected_input_ids"][n:]) == row["rejected"] + tok.eos_token

@@ -78,6 +78,68 @@ def to_rows(examples: list[TaskExample]) -> list[dict]:
     return [{"messages": ex.messages()} for ex in examples]
 
 
+NEAR_MISSES = ("unreversed", "changed", "swapped", "dropped", "added")
+
+
+def near_miss(example: TaskExample, kind: str, rng: random.Random) -> str:
+    """A wrong answer close to the right one: the digits not reversed, one digit of the
+    reversal changed, two adjacent different digits swapped, one dropped or one added. Never
+    the exact answer (a kind that cannot differ for this question, such as "unreversed" for a
+    palindrome, raises ValueError; preference_rows then picks another)."""
+    answer = example.answer
+    if kind == "unreversed":
+        wrong = example.digits
+    elif kind == "changed":
+        i = rng.randrange(len(answer))
+        wrong = answer[:i] + rng.choice([d for d in "0123456789" if d != answer[i]]) + answer[i + 1:]
+    elif kind == "swapped":
+        spots = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
+        if not spots:
+            raise ValueError(f"swapped: {answer!r} has no two adjacent different digits")
+        i = rng.choice(spots)
+        wrong = answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:]
+    elif kind == "dropped":
+        i = rng.randrange(len(answer))
+        wrong = answer[:i] + answer[i + 1:]
+    elif kind == "added":
+        i = rng.randrange(len(answer) + 1)
+        wrong = answer[:i] + rng.choice("0123456789") + answer[i:]
+    else:
+        raise ValueError(f"kind must be one of {NEAR_MISSES}, got {kind!r}")
+    if wrong == answer:
+        raise ValueError(f"{kind}: {example.digits!r} reversed is itself")
+    return wrong
+
+
+def preference_rows(examples: list[TaskExample], seed: int = 0,
+                    prompts: list[str] | None = None) -> list[dict]:
+    """Preference pairs of the task, one per question, in fastpeft.data's preference format
+    (prompt, chosen, rejected; load_preference_dataset reads them as jsonl): chosen = the exact
+    reversal, rejected = a near miss (NEAR_MISSES, drawn with random.Random(seed)); "kind"
+    records which.
+
+    prompts: the prompt text of each question (default: the question itself). A reward model
+    for PPO should be trained on the prompt text PPO passes it (the chat template rendered up
+    to the assistant turn) so scoring tokenizes as training did."""
+    if prompts is not None and len(prompts) != len(examples):
+        raise ValueError(f"prompts must have one text per example, got {len(prompts)} for "
+                         f"{len(examples)} examples")
+    rng = random.Random(seed)
+    rows = []
+    for i, ex in enumerate(examples):
+        kinds = list(NEAR_MISSES)
+        rng.shuffle(kinds)
+        for kind in kinds:  # the first kind that can differ for this question
+            try:
+                rejected = near_miss(ex, kind, rng)
+                break
+            except ValueError:
+                continue
+        rows.append({"prompt": ex.question if prompts is None else prompts[i],
+                     "chosen": ex.answer, "rejected": rejected, "kind": kind})
+    return rows
+
+
 def normalize_answer(text: str) -> str:
     """What is compared: the first non-empty line, without surrounding whitespace and one
     trailing period ("26184." counts as "26184"; "The answer is 26184" does not)."""
@@ -100,5 +162,6 @@ def accuracy(predictions: list[str], answers: list[str]) -> float:
     return sum(exact_match(p, a) for p, a in zip(predictions, answers)) / len(answers)
 
 
-__all__ = ["INSTRUCTION", "SYSTEM", "TaskExample", "accuracy", "exact_match", "make_splits",
-           "normalize_answer", "reverse_example", "to_rows"]
+__all__ = ["INSTRUCTION", "NEAR_MISSES", "SYSTEM", "TaskExample", "accuracy", "exact_match",
+           "make_splits", "near_miss", "normalize_answer", "preference_rows", "reverse_example",
+           "to_rows"]
