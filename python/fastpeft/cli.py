@@ -1,5 +1,5 @@
 """The `fastpeft` command: training stages from YAML configs (sft, rm, ppo, dpo), merge,
-info, bench, demo. See docs/cli.md."""
+sample, rank, info, bench, demo. See docs/cli.md."""
 
 import argparse
 import copy
@@ -61,6 +61,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run(args)
     return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from fastpeft.sample import run
+
+    run(args)
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from fastpeft.rank import run
+
+    return run(args)
 
 
 STAGE_HELP = {
@@ -234,6 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                        help="the dtype the base is loaded and the merged model saved in")
     merge.set_defaults(func=cmd_merge)
+    from fastpeft import rank, sample
+
+    sampler = sub.add_parser("sample", help="K sampled responses per prompt, to rank "
+                             "(see fastpeft/sample.py)")
+    sample.add_arguments(sampler)
+    sampler.set_defaults(func=cmd_sample)
+    ranker = sub.add_parser("rank", help="rank sampled responses in the terminal; resumable "
+                            "(see fastpeft/rank.py)")
+    rank.add_arguments(ranker)
+    ranker.set_defaults(func=cmd_rank)
     args = parser.parse_args(argv)
     from fastpeft.data import DataError, InvalidRowError
     from fastpeft.run_config import ConfigError

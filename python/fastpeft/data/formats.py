@@ -139,7 +139,8 @@ def normalize_sft(row: dict, fmt: str) -> dict:
 
 def normalize_preference(row: dict, fmt: str) -> list[dict]:
     """A preference row as [{"prompt", "chosen", "rejected"}]; a ranked row of K responses as
-    its K(K-1)/2 pairs (InstructGPT). `ranking` lists response indices, best first."""
+    its K(K-1)/2 pairs (InstructGPT). `ranking` lists response indices, best first; a ranked
+    row with `ranking: null` (sampled, not ranked yet) gives no pair."""
     if fmt == "preference":
         pair = {k: _text_or_messages(row, k) for k in ("prompt", "chosen", "rejected")}
         _same_kind(pair)
@@ -149,16 +150,21 @@ def normalize_preference(row: dict, fmt: str) -> list[dict]:
     if fmt == "ranked":
         prompt = _text_or_messages(row, "prompt")
         responses = _need(row, "responses", list, "a list of responses")
-        ranking = _need(row, "ranking", list, "a list of response indices, best first")
         k = len(responses)
         if k < 2:
             raise InvalidRowError(f"'responses' needs at least 2 entries, got {k}")
+        if row.get("ranking") is None:  # not ranked yet (`fastpeft sample`): no pairs
+            return []
+        ranking = _need(row, "ranking", list, "a list of response indices, best first")
         if sorted(ranking) != list(range(k)) or not all(type(r) is int for r in ranking):
             raise InvalidRowError(
                 f"'ranking' must be a permutation of 0..{k - 1} (response indices, best first), "
                 f"got {ranking}"
             )
         resp = [_text_or_messages({"responses": r}, "responses") for r in responses]
+        if not isinstance(prompt, str):  # a string reply to a chat prompt is its assistant turn
+            resp = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r
+                    for r in resp]
         pairs = []
         for i in range(k):
             for j in range(i + 1, k):

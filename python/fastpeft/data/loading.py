@@ -34,7 +34,8 @@ class DataError(ValueError):
 @dataclass
 class DataStats:
     """What loading did: rows read, rows skipped as invalid (with the first messages), the
-    format used, examples dropped because truncation left nothing to train on."""
+    format used, examples dropped because truncation left nothing to train on, ranked rows
+    skipped because their ranking is null (not ranked yet)."""
 
     source: str = ""
     format: str | None = None
@@ -43,6 +44,7 @@ class DataStats:
     skipped_messages: list[str] = field(default_factory=list)
     examples: int = 0
     dropped_empty: int = 0
+    unranked: int = 0
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
@@ -244,11 +246,18 @@ def load_preference_dataset(
     )
     examples = []
     for group, pairs in enumerate(tokenized):
+        stats.unranked += not pairs  # a ranked row with ranking null
         for ex in pairs:
             if num_trained(ex, "chosen_") == 0 or num_trained(ex, "rejected_") == 0:
                 stats.dropped_empty += 1
                 continue
             examples.append(dict(ex, group=group))
+    if stats.unranked:
+        logger.warning("%s: skipped %d of %d row(s) with ranking null (not ranked yet)",
+                       source, stats.unranked, stats.rows)
+        if not examples:
+            raise DataError(f"{source}: no ranked rows ({stats.unranked} with ranking null; "
+                            "rank them with `fastpeft rank`)")
     _log_dropped(stats)
     stats.examples = len(examples)
     return examples, stats
