@@ -48,3 +48,35 @@ def test_patch_train_generate(smollm2, method):
         fastpeft.unpatch(model)
     with torch.no_grad():
         torch.testing.assert_close(base(ids).logits[:, -1], expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fastpeft_merge_saves_the_default_model(smollm2, tmp_path):
+    """`fastpeft merge` on an adapter of the default model writes a plain Hugging Face model
+    with the patched model's logits. transformers keeps the GGUF quantizer on the dequantized
+    model, which made save_pretrained refuse it; load_default_model removes it."""
+    from transformers import AutoModelForCausalLM
+
+    from fastpeft import cli
+
+    base, tokenizer = smollm2
+    assert getattr(base, "hf_quantizer", None) is None
+    ids = tokenizer(["Reverse the digits: 48162"], return_tensors="pt").input_ids
+    model = fastpeft.patch(base, fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    try:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+            patched = model.eval()(ids).logits
+        fastpeft.save_adapter(model, str(tmp_path / "adapter"))
+    finally:
+        fastpeft.unpatch(model)
+    assert cli.main(["merge", "--adapter", str(tmp_path / "adapter"),
+                     "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(ids).logits
+        plain = base.eval()(ids).logits
+    assert (patched - plain).abs().max() > 1e-3  # the adapter changes the logits
+    torch.testing.assert_close(got, patched, atol=1e-4, rtol=1e-4)

@@ -32,5 +32,19 @@ def load_default_model(dtype: torch.dtype = torch.float32, with_tokenizer: bool 
 
     directory = default_model_dir()
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_FILE, dtype=dtype)
+    _drop_dequantized_gguf_quantizer(model)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE) if with_tokenizer else None
     return model, tokenizer
+
+
+def _drop_dequantized_gguf_quantizer(model) -> None:
+    """transformers dequantizes this GGUF file into ordinary dense weights at load, yet keeps
+    its GGUF quantizer attached, and save_pretrained then refuses the model as "quantized with
+    gguf and not serializable" (so `fastpeft merge` could not save a merged SmolLM2). When every
+    parameter is a plain floating-point tensor (no packed GGUF blocks), the model is a dense one:
+    the quantizer and its config are removed, as transformers' own remove_quantization_config
+    does."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or not all(p.is_floating_point() for p in model.parameters()):
+        return
+    quantizer.remove_quantization_config(model)
