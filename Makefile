@@ -33,8 +33,10 @@ build: $(EDITABLE_STAMP)
 test: setup
 	$(PY) -m pytest -q tests
 
+# DEMO_ARGS: more `fastpeft demo` options (tests/test_readme.py passes --out).
+DEMO_ARGS ?=
 demo: setup
-	$(VENV)/bin/fastpeft demo
+	$(VENV)/bin/fastpeft demo $(DEMO_ARGS)
 
 # Every benchmark suite: the ops (bench/bench_<op>.py) and the end-to-end steps (bench_e2e.py).
 bench: setup

@@ -39,3 +39,20 @@ def prompt_text(tokenizer, example: dict, prefix: str = "") -> str:
     labels = example[prefix + "labels"]
     first = next(i for i, t in enumerate(labels) if t != -100)
     return tokenizer.decode(example[prefix + "input_ids"][:first])
+
+
+def save_tiny_llama(directory) -> str:
+    """A tiny random Llama with the SmolLM2 tokenizer's vocabulary, saved with the tokenizer
+    (save_pretrained) to directory, a model directory the CLI and load_model accept."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)

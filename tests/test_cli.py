@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 import yaml
-from _tokenizer import example, smollm2_tokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from _tokenizer import example, save_tiny_llama, smollm2_tokenizer
+from transformers import AutoModelForCausalLM
 
 import fastpeft
 from fastpeft import cli
@@ -260,16 +260,7 @@ def test_the_examples_load_and_their_files_exist(command, monkeypatch):
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with the SmolLM2 tokenizer's vocabulary, saved as a model
     directory (save_pretrained) with the tokenizer."""
-    directory = tmp_path_factory.mktemp("tiny")
-    tok = smollm2_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 def tiny_run(tmp_path, tiny_dir, train_file=None, **train) -> str:
