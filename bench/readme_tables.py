@@ -11,8 +11,8 @@ NAME is `demo` (the table of bench/results/demo_cpu.json, a copy of the results.
 `make demo` writes), `demo_rlhf` (the same of `fastpeft demo --rlhf`,
 bench/results/demo_rlhf_cpu.json) or `benchmarks` (the first table of every
 bench/results/*_cpu.md, the files the benchmark scripts write, each under its own title line).
-The `note` field of a demo results file, when there is one, says how the run was made. tests/test_readme.py fails
-when a block differs from what this script generates now.
+The `note` field of a demo results file, when there is one, says how the run was made.
+tests/test_readme.py fails when a block differs from what this script generates now.
 
     python bench/readme_tables.py           # rewrite the blocks in README.md
     python bench/readme_tables.py --check   # exit 1 when README.md is out of date
