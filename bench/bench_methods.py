@@ -232,6 +232,8 @@ def _fmt(v, spec):
 
 
 def report(rows: list[dict], meta: dict, args, out_dir: Path) -> str:
+    order = ("zero-shot", *METHODS)
+    rows = sorted(rows, key=lambda r: order.index(r["method"]))  # whatever order they ran in
     header = ["method", "lr", "trainable params", "% of model", "held-out accuracy",
               "s / step", "torch peak MB (2 steps)", "RSS step MB", "train s", "final loss"]
     table = []
@@ -259,8 +261,9 @@ def report(rows: list[dict], meta: dict, args, out_dir: Path) -> str:
             f"most bytes torch's allocator held above what it held before (gradients, AdamW "
             f"state, activations; not the base weights); RSS step = the RSS high-water mark "
             f"above the RSS before. Machine: {meta['cpus']} CPUs, {meta['threads']} torch "
-            f"threads, load average {load} at the start; shared, so times are indicative. "
-            f"Total wall time {meta['wall_s']:.0f} s.")
+            f"threads, load average {load} at the start and {meta['loadavg_end']} at the end; "
+            f"shared, so times are indicative. Total wall time {meta['wall_s']:.0f} s"
+            + ("." if meta["complete"] else " (an unfinished run: the methods done so far)."))
     text = write_results("methods", "cpu", args.quick, 1, rows,
                          header, table, out_dir, note=note)
     stem = "methods_cpu" + ("_quick" if args.quick else "")
@@ -289,6 +292,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probe")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    if not methods:
+        parser.error(f"--methods: no method given (choose from {','.join(METHODS)})")
     for m in methods:
         if m not in METHODS:
             parser.error(f"--methods: {m!r} is not one of {METHODS}")
@@ -334,11 +339,14 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             row = run_method(base, method, tokenizer, args, train_path, held_out, tmp)
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items()
-                              if k not in ("step_s_runs", "losses")}), f"({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-        meta["wall_s"] = time.perf_counter() - start
-    text = report(rows, meta, args, out_dir)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("step_s_runs", "losses")}),
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            # the results so far, so that a long run interrupted midway leaves its rows
+            meta["wall_s"] = time.perf_counter() - start
+            meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            meta["complete"] = len(rows) == len(methods) + 1
+            report(rows, meta, args, out_dir)
+    text = (out_dir / ("methods_cpu" + ("_quick" if args.quick else "") + ".md")).read_text()
     print(text)
     return 1 if any(r.get("error") for r in rows) else 0
 
