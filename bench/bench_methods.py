@@ -286,11 +286,16 @@ def main(argv=None) -> int:
                         help=f"optimizer steps for every method (default {STEPS}; 2 with --quick)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--out", type=Path, default=None, help="results dir (default bench/results)")
-    parser.add_argument("--device", choices=["cpu"], default="cpu",
-                        help="cpu only (the `fastpeft bench` command passes it)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results dir (default bench/results)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="the `fastpeft bench` command passes it; CPU only for now")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probe")
     args = parser.parse_args(argv)
+    if args.device != "cpu":
+        print("bench_methods.py measures on the CPU only: nothing run for --device "
+              f"{args.device}", file=sys.stderr)
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     if not methods:
         parser.error(f"--methods: no method given (choose from {','.join(METHODS)})")

@@ -151,10 +151,14 @@ def test_quick_methods_benchmark_writes_results(tmp_path, monkeypatch):
     sys.modules.pop("bench_methods", None)
 
 
-def test_methods_benchmark_rejects_unknown_method(capsys, monkeypatch):
+def test_methods_benchmark_options(capsys, monkeypatch, tmp_path):
+    """An unknown method is an error naming it; --device cuda (from `fastpeft bench --device
+    cuda --suite all`) runs nothing and says so."""
     monkeypatch.syspath_prepend(str(BENCH))
     module = importlib.import_module("bench_methods")
     with pytest.raises(SystemExit):
         module.main(["--quick", "--methods", "lora,qlora"])
     assert "--methods: 'qlora' is not one of" in capsys.readouterr().err
+    assert module.main(["--quick", "--device", "cuda", "--out", str(tmp_path)]) == 0
+    assert "CPU only" in capsys.readouterr().err and not list(tmp_path.iterdir())
     sys.modules.pop("bench_methods", None)
