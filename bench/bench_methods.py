@@ -47,6 +47,7 @@ Measured for each method:
 - the wall time of training and of the evaluation.
 
     python bench/bench_methods.py [--quick] [--steps N] [--methods lora,ia3,...] [--out DIR]
+                                  [--no-memory] [--report-only]
 
 --quick: a tiny random Llama with SmolLM2's tokenizer (demo --quick's), 2 steps, 4 held-out
 questions: checks every method's path in seconds; its accuracies are meaningless.
@@ -256,14 +257,17 @@ def report(rows: list[dict], meta: dict, args, out_dir: Path) -> str:
             f"{min(10, meta['steps'] // 10)} warm-up steps, fp32) for every method, only the "
             f"learning rate differs (fixed in advance: bench/bench_methods.py's docstring); "
             f"exact-match accuracy on {meta['n_eval']} held-out questions (greedy, KV cache). "
+            f"The adapters' loss goes through fastpeft's fused linear_cross_entropy; full "
+            f"fine-tuning (an unpatched model) uses transformers' loss on the full logits. "
             f"s / step: median of the trainer's step times after the first. Memory of training, "
             f"on a fresh copy, over its first {MEMORY_STEPS} optimizer steps: torch peak = the "
             f"most bytes torch's allocator held above what it held before (gradients, AdamW "
             f"state, activations; not the base weights); RSS step = the RSS high-water mark "
             f"above the RSS before. Machine: {meta['cpus']} CPUs, {meta['threads']} torch "
-            f"threads, load average {load} at the start and {meta['loadavg_end']} at the end; "
-            f"shared, so times are indicative. Total wall time {meta['wall_s']:.0f} s"
-            + ("." if meta["complete"] else " (an unfinished run: the methods done so far)."))
+            f"threads, load average {load} at the start and {meta.get('loadavg_end', 'n/a')} "
+            f"at the end; shared, so times are indicative. Total wall time "
+            f"{meta['wall_s']:.0f} s" + ("." if meta.get("complete", True)
+                                         else " (an unfinished run: the methods done so far)."))
     text = write_results("methods", "cpu", args.quick, 1, rows,
                          header, table, out_dir, note=note)
     stem = "methods_cpu" + ("_quick" if args.quick else "")
@@ -291,6 +295,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="the `fastpeft bench` command passes it; CPU only for now")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probe")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the .md and .png from the results .json in --out")
     args = parser.parse_args(argv)
     if args.device != "cpu":
         print("bench_methods.py measures on the CPU only: nothing run for --device "
@@ -309,6 +315,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("FASTPEFT_BENCH_THREADS", torch.get_num_threads())))
     out_dir = Path(args.out) if args.out else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        data = json.loads((out_dir / ("methods_cpu" + ("_quick" if args.quick else "")
+                                      + ".json")).read_text())
+        torch.set_num_threads(data["meta"]["threads"])  # the run's, for the title line
+        print(report(data["rows"], data["meta"], args, out_dir))
+        return 0
 
     from fastpeft.data.synthetic import make_splits, to_rows
     from fastpeft.demo import _tiny_model, _write_jsonl, evaluate

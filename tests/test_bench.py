@@ -148,6 +148,10 @@ def test_quick_methods_benchmark_writes_results(tmp_path, monkeypatch):
     for label in ["zero-shot (base model)", *module.LABELS.values()]:
         assert f"| {label} |" in md, label
     assert (tmp_path / "methods_cpu_quick.png").read_bytes()[:4] == b"\x89PNG"
+    # --report-only writes the same table from the json
+    (tmp_path / "methods_cpu_quick.md").unlink()
+    assert module.main(["--quick", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "methods_cpu_quick.md").read_text() == md
     sys.modules.pop("bench_methods", None)
 
 
