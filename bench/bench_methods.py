@@ -209,19 +209,20 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if not r.get("error")]
-    labels = [r["method"] for r in ok]
-    panels = (("accuracy", "held-out accuracy (%)", 100, False),
-              ("step_s", "time per optimizer step (s)", 1, False),
-              ("torch_peak_mb", "training memory: torch peak MB", 1, False),
-              ("trainable", "trainable parameters (log)", 1, True))
+    trained = [r for r in ok if r["method"] != "zero-shot"]
+    panels = (("accuracy", "held-out accuracy (%)", 100, ok),
+              ("step_s", "time per optimizer step (s)", 1, trained),
+              ("torch_peak_mb", "training memory: torch peak MB (2 steps)", 1, trained),
+              ("trainable", "trainable parameters (log scale)", 1, trained))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for ax, (key, title, scale, log) in zip(axes.flat, panels):
-        vals = [(r.get(key) or 0) * scale for r in ok]
-        ax.bar(range(len(ok)), vals, color="tab:blue")
-        ax.set_xticks(range(len(ok)))
-        ax.set_xticklabels(labels, rotation=45, ha="right")
+    for ax, (key, title, scale, which) in zip(axes.flat, panels):
+        ax.bar(range(len(which)), [(r.get(key) or 0) * scale for r in which], color="tab:blue")
+        ax.set_xticks(range(len(which)))
+        ax.set_xticklabels([r["method"] for r in which], rotation=45, ha="right")
         ax.set_title(title)
-        if log:
+        if key == "accuracy":
+            ax.set_ylim(0, 100)
+        if key == "trainable":
             ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
