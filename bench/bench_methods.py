@@ -233,7 +233,7 @@ def _fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def report(rows: list[dict], meta: dict, args, out_dir: Path) -> str:
+def report(rows: list[dict], meta: dict, args, out_dir: Path, chart: bool = True) -> str:
     order = ("zero-shot", *METHODS)
     rows = sorted(rows, key=lambda r: order.index(r["method"]))  # whatever order they ran in
     header = ["method", "lr", "trainable params", "% of model", "held-out accuracy",
@@ -279,7 +279,8 @@ def report(rows: list[dict], meta: dict, args, out_dir: Path) -> str:
     text = text.replace("# methods forward+backward, cpu", "# fine-tuning methods, cpu", 1)
     text = text.replace("medians of 1 interleaved rounds", "one run per method", 1)
     md.write_text(text)
-    plot(rows, out_dir / f"{stem}.png")
+    if chart:
+        plot(rows, out_dir / f"{stem}.png")
     return text
 
 
@@ -363,8 +364,8 @@ def main(argv=None) -> int:
             meta["wall_s"] = time.perf_counter() - start
             meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
             meta["complete"] = len(rows) == len(methods) + 1
-            report(rows, meta, args, out_dir)
-    text = (out_dir / ("methods_cpu" + ("_quick" if args.quick else "") + ".md")).read_text()
+            report(rows, meta, args, out_dir, chart=False)
+    text = report(rows, meta, args, out_dir)
     print(text)
     return 1 if any(r.get("error") for r in rows) else 0
 
