@@ -51,6 +51,11 @@ Measured for each method:
 
 --quick: a tiny random Llama with SmolLM2's tokenizer (demo --quick's), 2 steps, 4 held-out
 questions: checks every method's path in seconds; its accuracies are meaningless.
+
+Threads: FASTPEFT_BENCH_THREADS (default: torch's). On a shared machine use 1: with 2 threads
+on 2 busy cores every parallel region waits for its second thread (bench/_common.py's
+set_bench_threads), and a LoRA step of SmolLM2 took 23 s instead of 2.3 s with 1 thread.
+The full CPU run (bench/results/methods_cpu.*) took about 40 minutes with 1 thread.
 """
 
 import argparse
