@@ -38,7 +38,8 @@ DEMO_ARGS ?=
 demo: setup
 	$(VENV)/bin/fastpeft demo $(DEMO_ARGS)
 
-# Every benchmark suite: the ops (bench/bench_<op>.py) and the end-to-end steps (bench_e2e.py).
+# Every benchmark suite: the ops (bench/bench_<op>.py), the end-to-end steps (bench_e2e.py) and
+# the fine-tuning methods on the demo's task (bench_methods.py, about half an hour on 2 cores).
 bench: setup
 	$(VENV)/bin/fastpeft bench --suite all
 

@@ -98,9 +98,71 @@ def test_cli_bench_suites(monkeypatch):
     assert ran == [("bench_e2e.py", ["--quick", "--device", "cpu"])]
     ran.clear()
     assert cli.main(["bench", "--suite", "all"]) == 0
-    assert [s for s, _ in ran] == list(cli.OP_BENCHMARKS + cli.MODEL_BENCHMARKS) + ["bench_e2e.py"]
+    assert [s for s, _ in ran] == list(cli.OP_BENCHMARKS + cli.MODEL_BENCHMARKS) + [
+        "bench_e2e.py", "bench_methods.py"]
     ran.clear()
     assert cli.main(["bench"]) == 0
     assert "bench_e2e.py" not in [s for s, _ in ran]
     ran.clear()
     assert cli.main(["bench", "--suite", "e2e", "--op", "gae"]) == 2 and not ran
+
+
+def test_quick_methods_benchmark_writes_results(tmp_path, monkeypatch):
+    """`fastpeft bench --suite methods --quick` runs bench_methods.py with arguments it takes;
+    every method trains, evaluates and is measured (tiny random Llama, 2 steps) and the table
+    and chart are written."""
+    from fastpeft import cli
+
+    ran = []
+    monkeypatch.setattr(cli, "_run_bench", lambda script, extra: ran.append((script, extra)) or 0)
+    assert cli.main(["bench", "--suite", "methods", "--quick"]) == 0
+    ((script, extra),) = ran
+    assert script == "bench_methods.py"
+    monkeypatch.syspath_prepend(str(BENCH))
+    module = importlib.import_module("bench_methods")
+    assert module.main(extra + ["--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "methods_cpu_quick.json").read_text())
+    assert data["meta"]["quick"] and data["meta"]["steps"] == 2 and data["meta"]["complete"]
+    rows = {row["method"]: row for row in data["rows"]}
+    assert list(rows) == ["zero-shot", *module.METHODS]
+    assert 0.0 <= rows["zero-shot"]["accuracy"] <= 1.0
+    for method in module.METHODS:
+        row = rows[method]
+        assert row["error"] is None, (method, row["error"])
+        assert row["lr"] == module.LR[method] and row["steps"] == 2
+        assert 0.0 <= row["accuracy"] <= 1.0 and len(row["step_s_runs"]) == 2, method
+        assert row["step_s"] > 0 and row["train_s"] > 0 and row["eval_s"] > 0, method
+        assert row["torch_peak_mb"] > 0 and math.isfinite(row["final_loss"]), method
+        assert row["rss_step_mb"] is None or row["rss_step_mb"] >= 0, method
+        if method == "full":
+            assert row["trainable"] == row["total"]
+        else:
+            assert 0 < row["trainable"] < row["total"] // 10, (method, row["trainable"])
+    # the method's own parameters: rsLoRA only rescales LoRA, DoRA adds magnitudes, the
+    # Pfeiffer adapter is half the Houlsby one (one adapter per block instead of two)
+    assert rows["rslora"]["trainable"] == rows["lora"]["trainable"] < rows["dora"]["trainable"]
+    assert 2 * rows["pfeiffer"]["trainable"] == rows["houlsby"]["trainable"]
+    # full fine-tuning holds gradients and AdamW state for every weight
+    assert rows["full"]["torch_peak_mb"] > 2 * rows["lora"]["torch_peak_mb"]
+    md = (tmp_path / "methods_cpu_quick.md").read_text()
+    for label in ["zero-shot (base model)", *module.LABELS.values()]:
+        assert f"| {label} |" in md, label
+    assert (tmp_path / "methods_cpu_quick.png").read_bytes()[:4] == b"\x89PNG"
+    # --report-only writes the same table from the json
+    (tmp_path / "methods_cpu_quick.md").unlink()
+    assert module.main(["--quick", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "methods_cpu_quick.md").read_text() == md
+    sys.modules.pop("bench_methods", None)
+
+
+def test_methods_benchmark_options(capsys, monkeypatch, tmp_path):
+    """An unknown method is an error naming it; --device cuda (from `fastpeft bench --device
+    cuda --suite all`) runs nothing and says so."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    module = importlib.import_module("bench_methods")
+    with pytest.raises(SystemExit):
+        module.main(["--quick", "--methods", "lora,qlora"])
+    assert "--methods: 'qlora' is not one of" in capsys.readouterr().err
+    assert module.main(["--quick", "--device", "cuda", "--out", str(tmp_path)]) == 0
+    assert "CPU only" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    sys.modules.pop("bench_methods", None)

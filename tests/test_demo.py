@@ -203,6 +203,36 @@ def test_docs_cli_md_lists_every_demo_option():
     assert not missing, f"docs/cli.md does not list the demo options {missing}"
 
 
+def test_prompt_learning_answers_with_and_without_the_shared_prefix(tmp_path):
+    """Prompt tuning / P-tuning keep their virtual tokens in the KV cache, so they must not
+    take the shared-prefix path (generate() would count them as prompt tokens and skip as many
+    real ones); every prompt-learning method gives the padded path's answers."""
+    import copy
+
+    from fastpeft.data.synthetic import make_splits
+    from fastpeft.demo import _tiny_model, generate_answers, prompts_of
+
+    base, tokenizer = _tiny_model(str(tmp_path))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(8)  # a random model whose greedy answers are not all the same token
+    prompts = prompts_of(tokenizer, make_splits(0, 4, seed=2)[1])
+    plain = generate_answers(base, tokenizer, prompts, 6)
+    for config in (fastpeft.PromptTuningConfig(num_virtual_tokens=3),
+                   fastpeft.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
+                   fastpeft.PrefixTuningConfig(num_virtual_tokens=3)):
+        model = fastpeft.patch(copy.deepcopy(base), config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        shared = generate_answers(model, tokenizer, prompts, 6)
+        padded = generate_answers(model, tokenizer, prompts, 6, share_prefix=False)
+        assert shared == padded, config.peft_type
+        assert shared != plain, config.peft_type  # the adapter changes the answers
+
+
 def test_demo_rejects_bad_options(capsys):
     for option, value in (("--steps", "0"), ("--shots", "-1"), ("--digits", "1"),
                           ("--rm-steps", "0"), ("--ppo-steps", "0")):

@@ -33,9 +33,10 @@ OP_BENCHMARKS = ("bench_lora_linear.py", "bench_ia3_linear.py", "bench_adapter_b
 # fastpeft.patch on the default model against peft.
 MODEL_BENCHMARKS = ("bench_patch.py",)
 # The benchmarks of each suite: "ops" the fused ops and the patched model, "e2e" whole training
-# steps (SFT vs peft + transformers, DPO vs TRL, PPO vs a plain PyTorch loop); "all" runs
-# every suite.
-SUITES = {"ops": OP_BENCHMARKS + MODEL_BENCHMARKS, "e2e": ("bench_e2e.py",)}
+# steps (SFT vs peft + transformers, DPO vs TRL, PPO vs a plain PyTorch loop), "methods" the
+# fine-tuning methods trained and evaluated on the demo's task; "all" runs every suite.
+SUITES = {"ops": OP_BENCHMARKS + MODEL_BENCHMARKS, "e2e": ("bench_e2e.py",),
+          "methods": ("bench_methods.py",)}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -218,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks (ratios measured side by side)")
     bench.add_argument("--suite", choices=[*SUITES, "all"], default="ops",
                        help="ops: the fused ops and the patched model; e2e: whole training "
-                            "steps against peft + transformers / TRL; all: every suite")
+                            "steps against peft + transformers / TRL; methods: full "
+                            "fine-tuning, LoRA, IA3, adapters, prompt learning ... on the "
+                            "demo's task (CPU); all: every suite")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     bench.add_argument("--op", choices=[s[6:-3] for s in OP_BENCHMARKS + MODEL_BENCHMARKS],

@@ -113,6 +113,16 @@ def _common_prefix(rows: list[list[int]]) -> int:
     return n
 
 
+def _virtual_tokens_in_cache(model) -> bool:
+    """Whether an active prompt-tuning / P-tuning adapter prepends virtual tokens."""
+    from fastpeft.patching import is_patched, state_of
+
+    if not is_patched(model):
+        return False
+    state = state_of(model)
+    return not state.disabled and state.peft_type in ("PROMPT_TUNING", "P_TUNING")
+
+
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
                      batch_size: int = 32, share_prefix: bool = True) -> list[str]:
     """Greedy completions of prompts, in batches, with the KV cache; the model's train / eval
@@ -121,7 +131,10 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int,
     When every prompt has the same number of tokens (the synthetic task's do: one token per
     digit) and share_prefix is set, the tokens they all start with (system turn, few-shot
     examples) are run once and their KV cache is copied into each batch, so few-shot ICL costs
-    about as much as zero-shot. Otherwise the prompts are left-padded."""
+    about as much as zero-shot. Otherwise the prompts are left-padded. Prompt tuning and
+    P-tuning put their virtual tokens in that cache, which generate() would take for prompt
+    tokens, so they never share it (prefix tuning keeps its prefix out of the cache)."""
+    share_prefix = share_prefix and not _virtual_tokens_in_cache(model)
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
