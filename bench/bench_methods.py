@@ -43,7 +43,9 @@ Measured for each method:
   held during those 2 steps above what it held before them (bench/_common.peak_mb: gradients,
   AdamW state and activations; the base weights, held before, are not counted); rss_step_mb =
   the process's RSS high-water mark during them above its RSS before (/proc/self/clear_refs;
-  None where unavailable).
+  None where unavailable). rss_step_mb is kept in the JSON but not in the table: the methods
+  run one after another in one process, and a later method reuses the memory an earlier one
+  freed without raising the RSS (it reads 0 for several), so it does not compare methods.
 - the wall time of training and of the evaluation.
 
     python bench/bench_methods.py [--quick] [--steps N] [--methods lora,ia3,...] [--out DIR]
@@ -242,21 +244,21 @@ def report(rows: list[dict], meta: dict, args, out_dir: Path, chart: bool = True
     order = ("zero-shot", *METHODS)
     rows = sorted(rows, key=lambda r: order.index(r["method"]))  # whatever order they ran in
     header = ["method", "lr", "trainable params", "% of model", "held-out accuracy",
-              "s / step", "torch peak MB (2 steps)", "RSS step MB", "train s", "final loss"]
+              "s / step", "torch peak MB (2 steps)", "train s", "final loss"]
     table = []
     for r in rows:
         if r["method"] == "zero-shot":
             table.append([r["label"], "-", "0", "0", f"{100 * r['accuracy']:.0f}%", "-", "-",
-                          "-", "-", "-"])
+                          "-", "-"])
         elif r.get("error"):
             table.append([r["label"], r["lr"], "-", "-", f"failed: {r['error'][:120]}",
-                          "-", "-", "-", "-", "-"])
+                          "-", "-", "-", "-"])
         else:
             table.append([r["label"], r["lr"], f"{r['trainable']:,}",
                           f"{100 * r['trainable'] / r['total']:.3f}",
                           f"{100 * r['accuracy']:.0f}%", f"{r['step_s']:.2f}",
-                          _fmt(r.get("torch_peak_mb"), ".0f"), _fmt(r.get("rss_step_mb"), ".0f"),
-                          f"{r['train_s']:.0f}", _fmt(r.get("final_loss"), ".3f")])
+                          _fmt(r.get("torch_peak_mb"), ".0f"), f"{r['train_s']:.0f}",
+                          _fmt(r.get("final_loss"), ".3f")])
     load = meta.get("loadavg")
     note = (f"{meta['model']}, the demo's digit-reversal task: {meta['n_train']} training "
             f"questions, {meta['steps']} steps of {BATCH} (AdamW, linear schedule, "
@@ -268,12 +270,13 @@ def report(rows: list[dict], meta: dict, args, out_dir: Path, chart: bool = True
             f"s / step: median of the trainer's step times after the first. Memory of training, "
             f"on a fresh copy, over its first {MEMORY_STEPS} optimizer steps: torch peak = the "
             f"most bytes torch's allocator held above what it held before (gradients, AdamW "
-            f"state, activations; not the base weights); RSS step = the RSS high-water mark "
-            f"above the RSS before. Machine: {meta['cpus']} CPUs, {meta['threads']} torch "
+            f"state, activations; not the base weights). Machine: {meta['cpus']} CPUs, {meta['threads']} torch "
             f"threads, load average {load} at the start and {meta.get('loadavg_end', 'n/a')} "
             f"at the end; shared, so times are indicative. Total wall time "
             f"{meta['wall_s']:.0f} s" + ("." if meta.get("complete", True)
-                                         else " (an unfinished run: the methods done so far)."))
+                                         else " (an unfinished run: the methods done so far).")
+            + (" Merged: " + meta["merged"].format(wall=meta["wall_s"]) + "."
+               if meta.get("merged") else ""))
     text = write_results("methods", "cpu", args.quick, 1, rows,
                          header, table, out_dir, note=note)
     stem = "methods_cpu" + ("_quick" if args.quick else "")
@@ -304,6 +307,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probe")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the .md and .png from the results .json in --out")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the methods not run now from the results .json "
+                             "in --out (to re-run one method); the note says which run is which")
     args = parser.parse_args(argv)
     if args.device != "cpu":
         print("bench_methods.py measures on the CPU only: nothing run for --device "
@@ -358,6 +364,17 @@ def main(argv=None) -> int:
         acc, secs, _ = evaluate(base, tokenizer, held_out)
         rows = [{"method": "zero-shot", "label": "zero-shot (base model)", "accuracy": acc,
                  "eval_s": secs, "trainable": 0, "error": None}]
+        kept = []
+        if args.merge:
+            previous = json.loads((out_dir / ("methods_cpu" + ("_quick" if args.quick else "")
+                                              + ".json")).read_text())
+            kept = [r for r in previous["rows"] if r["method"] not in ("zero-shot", *methods)]
+            old = previous["meta"]
+            meta["merged"] = (f"{', '.join(methods)} re-run (wall {{wall:.0f}} s, load average "
+                              f"{meta['loadavg']} at the start); the other rows from an earlier "
+                              f"run ({old.get('threads')} threads, wall {old.get('wall_s', 0):.0f} s, "
+                              f"load average {old.get('loadavg')} at the start)")
+            rows += kept
         print(f"zero-shot: {100 * acc:.0f}%", flush=True)
         for method in methods:
             t0 = time.perf_counter()
@@ -368,7 +385,7 @@ def main(argv=None) -> int:
             # the results so far, so that a long run interrupted midway leaves its rows
             meta["wall_s"] = time.perf_counter() - start
             meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-            meta["complete"] = len(rows) == len(methods) + 1
+            meta["complete"] = len(rows) == len(methods) + len(kept) + 1
             report(rows, meta, args, out_dir, chart=False)
     text = report(rows, meta, args, out_dir)
     print(text)

@@ -152,6 +152,13 @@ def test_quick_methods_benchmark_writes_results(tmp_path, monkeypatch):
     (tmp_path / "methods_cpu_quick.md").unlink()
     assert module.main(["--quick", "--report-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "methods_cpu_quick.md").read_text() == md
+    # --merge re-runs one method and keeps the others' rows, and the note says so
+    assert module.main(["--quick", "--methods", "ia3", "--merge", "--out", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "methods_cpu_quick.json").read_text())
+    again = {row["method"]: row for row in merged["rows"]}
+    assert list(again) == ["zero-shot", *module.METHODS] and merged["meta"]["complete"]
+    assert again["lora"] == rows["lora"] and again["ia3"] != rows["ia3"]
+    assert "Merged: ia3 re-run" in (tmp_path / "methods_cpu_quick.md").read_text()
     sys.modules.pop("bench_methods", None)
 
 
