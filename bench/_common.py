@@ -123,6 +123,18 @@ def peak_mb(fn, device: str) -> float:
     return peak / 2**20
 
 
+def reset_rss_high_water() -> bool:
+    """Resets this process's RSS high-water mark (VmHWM) to its current RSS through
+    /proc/self/clear_refs, so that a later VmHWM is the peak of what ran since; False where
+    that is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def write_results(op, device, quick, rounds, rows, header, table_rows, out_dir=None, note=""):
     """bench/results/<op>_<device>[_quick].{json,md}; returns the markdown text."""
     meta = {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,

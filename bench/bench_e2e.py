@@ -71,7 +71,6 @@ vocabulary (49152), bf16. The CUDA path is written but has not been run on a GPU
 """
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -87,7 +86,7 @@ from pathlib import Path
 import torch
 
 import fastpeft
-from _common import RESULTS, peak_mb, write_results
+from _common import RESULTS, peak_mb, reset_rss_high_water, write_results
 
 TASKS = ("sft", "dpo", "ppo")
 LR, BETA, SEED = 2e-4, 0.1, 0
@@ -535,12 +534,7 @@ def child_main(args) -> int:
     # ru_maxrss follows the mark that clear_refs resets: read the high-water mark so far first
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     step_rss = None
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        reset = True
-    except OSError:
-        reset = False
+    reset = reset_rss_high_water()
     torch.manual_seed(SEED + 1)
     torch_peak = peak_mb(s.step, args.device)
     if reset and before is not None:

@@ -73,7 +73,7 @@ from pathlib import Path
 import torch
 
 import fastpeft
-from _common import RESULTS, peak_mb, write_results
+from _common import RESULTS, peak_mb, reset_rss_high_water, write_results
 
 STEPS, BATCH, N_EVAL, DIGITS, SEED, VIRTUAL_TOKENS = 60, 8, 100, 5, 0, 20
 METHODS = ("full", "lora", "rslora", "dora", "ia3", "houlsby", "pfeiffer", "prefix", "prompt",
@@ -161,12 +161,7 @@ def measure_memory(base, method, tokenizer, train_path, tmp) -> dict:
     trainer.setup()
     trainer.model.train()
     before = _status_mb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        reset = True
-    except OSError:
-        reset = False
+    reset = reset_rss_high_water()
 
     def steps():
         for _ in range(MEMORY_STEPS):
