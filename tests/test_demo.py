@@ -87,8 +87,9 @@ def test_demo_quick_rlhf(tmp_path, capsys):
                 "accuracy_after_ppo"):
         assert 0.0 <= r[key] <= 1.0, key
     # the reference is the policy PPO starts from (KL 0), and that is the SFT model: PPO going
-    # on training the SFT adapter (reference = the bare base) gives ~5e-3 here (--lr 0.1)
-    assert abs(r["kl_before"]) < 1e-4 < r["kl_after"]
+    # on training the SFT adapter (reference = the bare base) gives ~5e-3 here (--lr 0.1).
+    # After PPO the policy has moved; its k1 estimate on a few samples can be of either sign.
+    assert abs(r["kl_before"]) < 1e-4 < abs(r["kl_after"])
     assert results["rows"][-1]["accuracy"] == r["accuracy_after_ppo"]
     assert results["rows"][-2]["accuracy"] == r["rm_heldout_accuracy"]
     assert f"reward model held-out pairwise accuracy: {100 * r['rm_heldout_accuracy']:.1f}%" \
